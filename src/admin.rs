@@ -1,0 +1,147 @@
+//! The admin listener on 127.0.0.1: `/metrics`, `/servers`, `/healthz`, on its own thread.
+//!
+//! It only reads what shards publish (atomics) and what the agent thread stores, so it never
+//! touches the request path. Requests are tiny and rare, so a blocking thread is enough.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::debug;
+
+use crate::metrics::{merge_backends, render, GlobalMetrics, ShardMetrics};
+use crate::queue::ServerSet;
+
+/// Process-wide state shared by main, the agent thread and the admin thread.
+#[derive(Default)]
+pub struct Status {
+    pub shards: Vec<Arc<ShardMetrics>>,
+    pub global: GlobalMetrics,
+    pub shutting_down: AtomicBool,
+    /// The set every shard routes by, with the hosts as the agent (or BACKENDS) named them.
+    current: Mutex<ServerSet>,
+}
+
+impl Status {
+    pub fn new(shards: Vec<Arc<ShardMetrics>>) -> Self {
+        Status {
+            shards,
+            ..Status::default()
+        }
+    }
+
+    /// Records a set that every shard now routes by.
+    pub fn publish_set(&self, version: u64, set: ServerSet) {
+        if let Ok(mut current) = self.current.lock() {
+            *current = set;
+        }
+        self.global.server_set_version.set(version);
+    }
+
+    /// The `/servers` document (SPEC §8).
+    pub fn servers_json(&self) -> String {
+        let set = self.current.lock().map(|s| s.clone()).unwrap_or_default();
+        let merged = merge_backends(&self.shards);
+        let servers: Vec<serde_json::Value> = set
+            .servers
+            .iter()
+            .map(|entry| {
+                let label = entry.label();
+                let stats = merged.iter().find(|m| *m.label == *label);
+                serde_json::json!({
+                    "host": entry.host,
+                    "port": entry.port,
+                    "score": entry.score,
+                    "ejected_shards": stats.map_or(0, |s| s.ejected_shards),
+                    "in_flight": stats.map_or(0, |s| s.in_flight),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "version": self.global.server_set_version.get(),
+            "servers": servers,
+        })
+        .to_string()
+    }
+}
+
+/// Binds the admin listener on 127.0.0.1 only; it is never reachable from another host.
+pub fn bind(port: u16) -> io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+}
+
+/// Serves admin requests until the process exits.
+pub fn spawn(listener: TcpListener, status: Arc<Status>) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("admin".into()).spawn(move || {
+        for stream in listener.incoming() {
+            match stream {
+                Ok(stream) => {
+                    if let Err(e) = handle(stream, &status) {
+                        debug!("admin request failed: {e}");
+                    }
+                }
+                Err(e) => {
+                    debug!("admin accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    })
+}
+
+fn handle(mut stream: TcpStream, status: &Status) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    let (method, path) = loop {
+        let n = stream.read(&mut buf[len..])?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => {
+                break (
+                    req.method.unwrap_or("").to_string(),
+                    req.path.unwrap_or("").to_string(),
+                )
+            }
+            Ok(httparse::Status::Partial) if len < buf.len() => continue,
+            _ => return respond(&mut stream, 400, "text/plain", "bad request\n"),
+        }
+    };
+    let path = path.split('?').next().unwrap_or("");
+    if method != "GET" && method != "HEAD" {
+        return respond(&mut stream, 405, "text/plain", "method not allowed\n");
+    }
+    match path {
+        "/metrics" => respond(
+            &mut stream,
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            &render(&status.shards, &status.global),
+        ),
+        "/servers" => respond(&mut stream, 200, "application/json", &status.servers_json()),
+        "/healthz" if status.shutting_down.load(Relaxed) => {
+            respond(&mut stream, 503, "text/plain", "shutting down\n")
+        }
+        "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n"),
+        _ => respond(&mut stream, 404, "text/plain", "not found\n"),
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> io::Result<()> {
+    let reason = crate::http::reason_phrase(status);
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    stream.flush()
+}

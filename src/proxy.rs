@@ -1,0 +1,488 @@
+//! One client connection: read a head, answer from the cache or pick a server, forward, relay.
+//!
+//! Every decision about bytes (framing, rewriting, cacheability, what a failure means) is made
+//! by the pure modules; this file sequences the I/O and the retry loop.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpStream;
+use log::debug;
+
+use crate::balancer::{Outcome, Pick};
+use crate::cache::{is_cacheable_request, storability, CachedResponse, Lookup, Storability};
+use crate::client::{connect, Upstream, UpstreamError};
+use crate::http::{
+    parse_request, write_error_response, write_forward_request, HttpError, RequestFraming,
+    RequestHead, Version,
+};
+use crate::metrics::ErrorKind;
+use crate::relay::{relay_response, Relayed};
+use crate::shard::Shard;
+use crate::stream::Conn;
+
+/// Initial receive buffer of a client connection; grows only for large heads.
+const CLIENT_BUFFER: usize = 16 * 1024;
+/// A head may fill the buffer up to the head limit plus room to detect going over it.
+const CLIENT_BUFFER_MAX: usize = crate::http::MAX_HEAD_BYTES + 16 * 1024;
+/// Request bodies up to this size are read whole before forwarding, so the request can be
+/// replayed on another server or on a fresh connection after a stale pooled one.
+pub const REPLAYABLE_BODY: u64 = 64 * 1024;
+/// Each request gets at most this many retries, each on a server not tried yet.
+const MAX_RETRIES: usize = 2;
+/// How long to wait for a backend's `100 Continue` before sending the body anyway (as curl does).
+const EXPECT_WAIT: Duration = Duration::from_secs(1);
+/// Connect attempts give up after this (or REQUEST_TIMEOUT if shorter), then try another server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After answering with an error on a connection that may still carry unread request bytes,
+/// keep reading (and discarding) them this long so the client sees our answer, not a reset.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// What happens to the client connection after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    KeepAlive,
+    Close,
+    /// Answered, but the connection may hold unread request bytes: close gently.
+    Linger,
+}
+
+/// Serves one accepted client connection until it closes.
+pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr>) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(shard.config.client_idle_timeout));
+    let client_ip = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
+    let mut client = Conn::new(stream, CLIENT_BUFFER);
+    let mut head = RequestHead::default();
+    loop {
+        let next = match read_head(shard, &mut client, &mut head).await {
+            HeadRead::Ready => {
+                let started = Instant::now();
+                handle_request(shard, &mut client, &head, client_ip, started).await
+            }
+            HeadRead::Closed => Next::Close,
+            HeadRead::Failed(error) => {
+                debug!("rejecting request from {client_ip}: {error}");
+                respond_error(shard, &mut client, error.status(), false, Instant::now()).await;
+                Next::Linger
+            }
+        };
+        match next {
+            Next::KeepAlive if !shard.shutdown.is_fired() => continue,
+            Next::KeepAlive | Next::Close => break,
+            Next::Linger => {
+                linger(&mut client).await;
+                break;
+            }
+        }
+    }
+}
+
+enum HeadRead {
+    Ready,
+    Closed,
+    Failed(HttpError),
+}
+
+struct RequestTimeout;
+
+impl From<RequestTimeout> for HttpError {
+    fn from(_: RequestTimeout) -> Self {
+        HttpError::RequestTimeout
+    }
+}
+
+/// Reads until a complete head is buffered. Idle connections (no byte of a next request) wait
+/// up to CLIENT_IDLE_TIMEOUT and close silently, or at once on shutdown; a started head must
+/// complete within CLIENT_HEADER_TIMEOUT of its first byte.
+async fn read_head(shard: &Shard, client: &mut Conn, head: &mut RequestHead) -> HeadRead {
+    let config = &shard.config;
+    let mut deadline = None;
+    loop {
+        if client.has_pending() {
+            match parse_request(client.pending(), head) {
+                Ok(true) => return HeadRead::Ready,
+                Ok(false) => {}
+                Err(e) => return HeadRead::Failed(e),
+            }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + config.client_header_timeout);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return HeadRead::Failed(RequestTimeout.into());
+            }
+            client.set_read_timeout(Some(left));
+            match client.fill(CLIENT_BUFFER_MAX).await {
+                Ok(0) => return HeadRead::Closed,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return HeadRead::Failed(RequestTimeout.into())
+                }
+                Err(_) => return HeadRead::Closed,
+            }
+        } else {
+            if shard.shutdown.is_fired() {
+                return HeadRead::Closed;
+            }
+            client.set_read_timeout(Some(config.client_idle_timeout));
+            let read = futures_lite::future::or(
+                async { Some(client.fill(CLIENT_BUFFER_MAX).await) },
+                async {
+                    shard.shutdown.wait().await;
+                    None
+                },
+            )
+            .await;
+            match read {
+                Some(Ok(n)) if n > 0 => deadline = Some(Instant::now() + config.client_header_timeout),
+                _ => return HeadRead::Closed,
+            }
+        }
+    }
+}
+
+/// Sends a response the balancer makes itself and counts it.
+pub async fn respond_error(shard: &Shard, client: &mut Conn, status: u16, keep_alive: bool, started: Instant) {
+    let mut out = Vec::with_capacity(256);
+    write_error_response(status, keep_alive, &mut out);
+    let _ = client.write_all(&out).await;
+    shard.metrics.record_request(status, started.elapsed());
+}
+
+/// Half-closes, then discards what the client still sends for a moment, so that a client
+/// still writing its request reads our answer instead of a connection reset.
+async fn linger(client: &mut Conn) {
+    let _ = client.stream.shutdown(std::net::Shutdown::Write).await;
+    let deadline = Instant::now() + LINGER;
+    let mut discarded = 0usize;
+    while discarded < 1 << 20 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        client.consume(usize::MAX);
+        client.set_read_timeout(Some(left));
+        match client.fill(CLIENT_BUFFER).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => discarded += n,
+        }
+    }
+}
+
+/// The parts of a cacheable request's key, copied out of the client buffer on a miss.
+pub struct CacheCandidate {
+    pub host: Vec<u8>,
+    pub target: Vec<u8>,
+    pub accept_encoding: Option<Vec<u8>>,
+}
+
+/// How the request body travels.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BodyPlan {
+    /// No body, or one small enough that it is inside `request` (replayable).
+    Buffered,
+    /// Streamed from the client after the head; cannot be replayed.
+    Streamed(RequestFraming),
+}
+
+async fn handle_request(shard: &Rc<Shard>, client: &mut Conn, head: &RequestHead, client_ip: IpAddr, started: Instant) -> Next {
+    let buf = client.pending();
+    let cacheable = shard.cache.borrow().capacity() > 0
+        && head.framing == RequestFraming::None
+        && is_cacheable_request(head.method(buf), head.path(buf), head.has_authorization);
+    let mut candidate = None;
+    if cacheable {
+        let host = head.host_for_key(buf);
+        let target = head.path(buf);
+        let accept_encoding = head.header(buf, "accept-encoding");
+        let lookup = shard
+            .cache
+            .borrow_mut()
+            .get(host, target, accept_encoding, Instant::now());
+        match lookup {
+            Lookup::Hit(entry) => {
+                shard.metrics.cache_hits.inc();
+                let keep_alive = head.keep_alive && !shard.shutdown.is_fired();
+                let out = render_hit(&entry, head, keep_alive);
+                client.consume(head.head_len);
+                let ok = client.write_all(&out).await.is_ok();
+                shard.metrics.record_request(entry.status, started.elapsed());
+                return if ok && keep_alive { Next::KeepAlive } else { Next::Close };
+            }
+            Lookup::Miss => {
+                shard.metrics.cache_misses.inc();
+                candidate = Some(CacheCandidate {
+                    host: host.to_vec(),
+                    target: target.to_vec(),
+                    accept_encoding: accept_encoding.map(<[u8]>::to_vec),
+                });
+            }
+        }
+    }
+
+    // The request as the backend will see it, built once and replayed on retries.
+    let mut request = Vec::with_capacity(head.head_len + 256);
+    write_forward_request(head, client.pending(), client_ip, &mut request);
+    let plan = match head.framing {
+        RequestFraming::None => BodyPlan::Buffered,
+        RequestFraming::Length(n) if n <= REPLAYABLE_BODY && !head.expect_continue => {
+            match read_body_whole(shard, client, head.head_len, n as usize).await {
+                Ok(()) => {
+                    let body = &client.pending()[head.head_len..head.head_len + n as usize];
+                    request.extend_from_slice(body);
+                    client.consume(n as usize);
+                    BodyPlan::Buffered
+                }
+                Err(_) => return Next::Close,
+            }
+        }
+        framing => BodyPlan::Streamed(framing),
+    };
+    client.consume(head.head_len);
+
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last_error: Option<UpstreamError> = None;
+    loop {
+        let pick = {
+            let balancer = shard.balancer.borrow();
+            let mut rng = shard.rng.borrow_mut();
+            balancer.pick(&mut rng, |b| !tried.contains(&b.addr))
+        };
+        let Some(pick) = pick else {
+            let status = match &last_error {
+                None => 503,
+                Some(e) if e.kind == ErrorKind::Timeout => 504,
+                Some(_) => 502,
+            };
+            respond_error(shard, client, status, false, started).await;
+            return Next::Linger;
+        };
+        tried.push(pick.backend.addr);
+        let stats = shard.stats_for(&pick);
+        if let Some(s) = &stats {
+            s.requests.inc();
+            s.in_flight.fetch_add(1, Relaxed);
+        }
+        let exchange = Exchange {
+            shard,
+            head,
+            request: &request,
+            plan,
+            candidate: candidate.as_ref(),
+            started,
+        };
+        let result = exchange.run(client, &pick).await;
+        if let Some(s) = &stats {
+            s.in_flight.fetch_sub(1, Relaxed);
+        }
+        match result {
+            Ok(relayed) => {
+                record(shard, &pick, Outcome::Success);
+                if let Some(kind) = relayed.backend_error {
+                    if let Some(s) = &stats {
+                        s.error(kind);
+                    }
+                }
+                debug!(
+                    "{client_ip} {} -> {} {} in {:?}",
+                    String::from_utf8_lossy(&request[..request.iter().position(|&c| c == b'\r').unwrap_or(0)]),
+                    relayed.status,
+                    pick.backend.label,
+                    started.elapsed()
+                );
+                return relayed.next;
+            }
+            Err(Failure::Client) => return Next::Close,
+            Err(Failure::Upstream(error)) => {
+                debug!("backend {} failed: {error}", pick.backend.label);
+                if let Some(s) = &stats {
+                    s.error(error.kind);
+                }
+                record(shard, &pick, Outcome::Failure);
+                let retry = tried.len() <= MAX_RETRIES
+                    && match error.kind {
+                        ErrorKind::Connect => plan == BodyPlan::Buffered || !error.request_sent,
+                        ErrorKind::Reset => {
+                            !error.request_sent
+                                || (head.idempotent && head.framing == RequestFraming::None)
+                        }
+                        ErrorKind::Timeout | ErrorKind::BadResponse => false,
+                    };
+                if !retry {
+                    let status = if error.kind == ErrorKind::Timeout { 504 } else { 502 };
+                    respond_error(shard, client, status, false, started).await;
+                    return Next::Linger;
+                }
+                last_error = Some(error);
+            }
+        }
+    }
+}
+
+fn record(shard: &Shard, pick: &Pick, outcome: Outcome) {
+    let changed = shard
+        .balancer
+        .borrow_mut()
+        .record(pick, outcome, Instant::now());
+    if changed {
+        shard.refresh_ejected();
+    }
+}
+
+/// Reads until `len` body bytes follow the head in the client buffer.
+async fn read_body_whole(shard: &Shard, client: &mut Conn, head_len: usize, len: usize) -> io::Result<()> {
+    client.set_read_timeout(Some(shard.config.client_idle_timeout));
+    while client.pending().len() < head_len + len {
+        if client.fill(head_len + len + CLIENT_BUFFER).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
+/// Why an exchange with one server ended without a response reaching the client.
+pub enum Failure {
+    /// The backend failed before the client received anything: may be retried.
+    Upstream(UpstreamError),
+    /// The client went away or broke the body framing: close.
+    Client,
+}
+
+/// One attempt to serve a request through one server.
+pub struct Exchange<'a> {
+    pub shard: &'a Rc<Shard>,
+    pub head: &'a RequestHead,
+    pub request: &'a [u8],
+    plan: BodyPlan,
+    pub candidate: Option<&'a CacheCandidate>,
+    pub started: Instant,
+}
+
+impl Exchange<'_> {
+    async fn run(&self, client: &mut Conn, pick: &Pick) -> Result<Relayed, Failure> {
+        let shard = self.shard;
+        let addr = pick.backend.addr;
+        let replayable = self.plan == BodyPlan::Buffered;
+        let mut upstream = self.checkout(addr, replayable).await?;
+        let request_timeout = shard.config.request_timeout;
+        let outcome = self.send_and_relay(client, &mut upstream, request_timeout).await;
+        match outcome {
+            // A pooled connection the backend had already closed: the request never reached
+            // it, so send it again on a fresh connection. Not a failure of the server.
+            Err(Failure::Upstream(e)) if e.reused && replayable && e.kind == ErrorKind::Reset && !e.response_started() => {
+                debug!("stale pooled connection to {addr}; retrying on a fresh one");
+                let mut fresh = self.connect(addr).await?;
+                self.send_and_relay(client, &mut fresh, request_timeout)
+                    .await
+                    .map(|r| self.release(fresh, r))
+            }
+            other => other.map(|r| self.release(upstream, r)),
+        }
+    }
+
+    fn release(&self, upstream: Upstream, relayed: Relayed) -> Relayed {
+        if relayed.reusable {
+            self.shard.pool.borrow_mut().put(upstream, Instant::now());
+        }
+        relayed
+    }
+
+    async fn checkout(&self, addr: SocketAddr, replayable: bool) -> Result<Upstream, Failure> {
+        loop {
+            let pooled = self.shard.pool.borrow_mut().take(addr, Instant::now());
+            match pooled {
+                Some(mut upstream) => {
+                    if !replayable && !upstream.looks_alive().await {
+                        continue;
+                    }
+                    self.shard.metrics.upstream_reused.inc();
+                    return Ok(upstream);
+                }
+                None => return self.connect(addr).await,
+            }
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Upstream, Failure> {
+        let timeout = self.shard.config.request_timeout.min(CONNECT_TIMEOUT);
+        let upstream = connect(addr, timeout).await.map_err(Failure::Upstream)?;
+        self.shard.metrics.upstream_created.inc();
+        Ok(upstream)
+    }
+
+    async fn send_and_relay(&self, client: &mut Conn, upstream: &mut Upstream, timeout: Duration) -> Result<Relayed, Failure> {
+        let reused = upstream.reused;
+        let sent_err = |e: io::Error| Failure::Upstream(UpstreamError::from_io(&e, reused, true));
+        upstream.conn.write_all(self.request).await.map_err(sent_err)?;
+        let mut body_sent = self.plan == BodyPlan::Buffered;
+        if let BodyPlan::Streamed(framing) = self.plan {
+            if self.head.expect_continue {
+                match crate::relay::await_continue(self, client, upstream, EXPECT_WAIT).await? {
+                    crate::relay::Continue::SendBody => {}
+                    crate::relay::Continue::Answered(relayed) => return Ok(relayed),
+                }
+            }
+            crate::relay::forward_body(self.shard, client, upstream, framing).await?;
+            body_sent = true;
+        }
+        relay_response(self, client, upstream, timeout, body_sent).await
+    }
+}
+
+/// A cached response rendered for the client: stored headers plus Age and X-Cache.
+fn render_hit(entry: &CachedResponse, head: &RequestHead, keep_alive: bool) -> Vec<u8> {
+    use std::io::Write as _;
+    let body = if head.is_head { &[][..] } else { &entry.body[..] };
+    let mut out = Vec::with_capacity(256 + body.len());
+    let _ = write!(out, "HTTP/1.1 {} {}\r\n", entry.status, crate::http::reason_phrase(entry.status));
+    for (name, value) in &entry.headers {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    let _ = write!(
+        out,
+        "Age: {}\r\nX-Cache: HIT\r\nContent-Length: {}\r\n",
+        entry.age(Instant::now()),
+        entry.body.len()
+    );
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if head.version == Version::Http10 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
+}
+
+/// Stores a completed response if the cache rules allow it.
+pub fn store(shard: &Shard, candidate: &CacheCandidate, status: u16, headers: Vec<(Box<[u8]>, Box<[u8]>)>, vary_accept_encoding: bool, ttl: Duration, body: Vec<u8>) {
+    let now = Instant::now();
+    let response = CachedResponse::new(status, headers, Rc::from(body.into_boxed_slice()), now, ttl);
+    let mut cache = shard.cache.borrow_mut();
+    cache.insert(
+        &candidate.host,
+        &candidate.target,
+        candidate.accept_encoding.as_deref(),
+        vary_accept_encoding,
+        response,
+        now,
+    );
+    shard.metrics.cache_entries.set(cache.len() as u64);
+    shard.metrics.cache_evictions.set(cache.stats().evictions);
+}
+
+/// Whether a response may be stored (SPEC §7), given its status and headers.
+pub fn cache_decision(shard: &Shard, status: u16, headers: &[(&[u8], &[u8])], body_len: Option<u64>) -> Storability {
+    storability(
+        status,
+        headers,
+        body_len,
+        shard.config.cache_ttl,
+        shard.config.cache_max_object_bytes,
+    )
+}

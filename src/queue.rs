@@ -1,0 +1,469 @@
+//! The deployment agent's wire format: parse and validate one server-set snapshot (SPEC §4).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde_json::{Map, Value};
+
+/// The most servers one snapshot may list.
+pub const MAX_SERVERS: usize = 10_000;
+
+/// Longest offending value quoted in a rejection, so a hostile message cannot flood the log.
+const MAX_QUOTED: usize = 80;
+
+/// One validated server of a snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerEntry {
+    /// An IP literal (canonical form, IPv6 without brackets) or a DNS name as sent.
+    pub host: String,
+    pub port: u16,
+    /// Finite and `>= 0`; 0 means draining.
+    pub score: f64,
+}
+
+impl ServerEntry {
+    /// `host:port`, with an IPv6 literal in brackets (`[::1]:8080`).
+    pub fn label(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A validated snapshot: entries in the order sent, no host:port twice.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ServerSet {
+    pub servers: Vec<ServerEntry>,
+}
+
+/// Why a snapshot was rejected whole. `Display` is the text sent back to the agent and logged.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rejection {
+    /// Not valid JSON; carries serde_json's message.
+    NotJson(String),
+    /// Valid JSON but neither an array nor an object with a `servers` array.
+    NotASnapshot,
+    /// More than [`MAX_SERVERS`] entries (checked before any entry is validated).
+    TooManyServers(usize),
+    /// Entry `index` (0-based) has a bad `field`; `value` is its JSON text or `missing`.
+    /// `field` is `"entry"` when the entry itself is not an object.
+    BadEntry {
+        index: usize,
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    /// Entry `index` repeats `server` (host:port) of an earlier entry.
+    DuplicateServer { index: usize, server: String },
+    /// A binary WebSocket frame; produced by the socket layer, never by [`parse_snapshot`].
+    BinaryFrame,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::NotJson(message) => write!(f, "not valid json: {message}"),
+            Rejection::NotASnapshot => f.write_str(
+                "not a server snapshot: expected a json array or an object with a \"servers\" array",
+            ),
+            Rejection::TooManyServers(count) => {
+                write!(f, "too many servers: {count} (limit {MAX_SERVERS})")
+            }
+            Rejection::BadEntry {
+                index,
+                field: "entry",
+                value,
+                reason,
+            } => write!(f, "entry {index}: value {value}: {reason}"),
+            Rejection::BadEntry {
+                index,
+                field,
+                value,
+                reason,
+            } => write!(f, "entry {index}: field {field}: value {value}: {reason}"),
+            Rejection::DuplicateServer { index, server } => {
+                write!(f, "entry {index}: duplicate server {server}")
+            }
+            Rejection::BinaryFrame => f.write_str("binary frames are not accepted"),
+        }
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+/// Parse one snapshot: a JSON array of entries, or an object whose `servers` is such an array.
+/// Entries without a `port` get `default_port`. Unknown fields are ignored.
+///
+/// # Errors
+/// The first problem found, checking the shape, then the count, then each entry in order
+/// (stopping at its first bad field), then duplicates.
+pub fn parse_snapshot(text: &str, default_port: u16) -> Result<ServerSet, Rejection> {
+    let document: Value =
+        serde_json::from_str(text).map_err(|e| Rejection::NotJson(e.to_string()))?;
+    let entries = match &document {
+        Value::Array(entries) => entries,
+        Value::Object(object) => match object.get("servers") {
+            Some(Value::Array(entries)) => entries,
+            _ => return Err(Rejection::NotASnapshot),
+        },
+        _ => return Err(Rejection::NotASnapshot),
+    };
+    if entries.len() > MAX_SERVERS {
+        return Err(Rejection::TooManyServers(entries.len()));
+    }
+    let mut servers = Vec::with_capacity(entries.len());
+    let mut seen = HashSet::with_capacity(entries.len());
+    for (index, entry) in entries.iter().enumerate() {
+        let server = parse_entry(entry, default_port).map_err(|(field, value, reason)| {
+            Rejection::BadEntry {
+                index,
+                field,
+                value,
+                reason,
+            }
+        })?;
+        if !seen.insert(identity(&server)) {
+            return Err(Rejection::DuplicateServer {
+                index,
+                server: server.label(),
+            });
+        }
+        servers.push(server);
+    }
+    Ok(ServerSet { servers })
+}
+
+/// What a bad field looks like before the caller adds the entry's index.
+type FieldError = (&'static str, String, &'static str);
+
+fn parse_entry(entry: &Value, default_port: u16) -> Result<ServerEntry, FieldError> {
+    let Value::Object(object) = entry else {
+        return Err(("entry", quote(entry), "must be an object"));
+    };
+    let host = parse_host(object)?;
+    let port = parse_port(object, default_port)?;
+    let score = parse_score(object)?;
+    Ok(ServerEntry { host, port, score })
+}
+
+fn parse_host(object: &Map<String, Value>) -> Result<String, FieldError> {
+    let bad = |value: &Value, reason| Err(("host", quote(value), reason));
+    match object.get("host") {
+        None => Err(("host", "missing".to_owned(), "is required")),
+        Some(value @ Value::String(host)) if host.is_empty() => bad(value, "must not be empty"),
+        Some(value @ Value::String(host)) => match normalize_host(host) {
+            Some(host) => Ok(host),
+            None => bad(value, "must be an ip address or a dns name"),
+        },
+        Some(value) => bad(value, "must be a string"),
+    }
+}
+
+fn parse_port(object: &Map<String, Value>, default_port: u16) -> Result<u16, FieldError> {
+    let Some(value) = object.get("port") else {
+        return Ok(default_port);
+    };
+    // `as_u64` is `None` for floats (80.5, and also 80.0), strings and null.
+    match value.as_u64().map(u16::try_from) {
+        Some(Ok(port)) if port != 0 => Ok(port),
+        _ => Err(("port", quote(value), "must be an integer from 1 to 65535")),
+    }
+}
+
+fn parse_score(object: &Map<String, Value>) -> Result<f64, FieldError> {
+    let Some(value) = object.get("score") else {
+        return Err(("score", "missing".to_owned(), "is required"));
+    };
+    match value.as_f64() {
+        // `+ 0.0` turns -0 into 0, so a draining server never shows up as "-0".
+        Some(score) if score.is_finite() && score >= 0.0 => Ok(score + 0.0),
+        _ => Err(("score", quote(value), "must be a finite number >= 0")),
+    }
+}
+
+/// An IP literal in canonical form, or a valid DNS name as sent; `None` for anything else.
+fn normalize_host(host: &str) -> Option<String> {
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return inner.parse::<Ipv6Addr>().ok().map(|ip| ip.to_string());
+    }
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        return Some(ip.to_string());
+    }
+    if let Ok(ip) = host.parse::<Ipv6Addr>() {
+        return Some(ip.to_string());
+    }
+    is_dns_name(host).then(|| host.to_owned())
+}
+
+/// RFC 1123 host name: dot-separated labels of 1-63 letters, digits and hyphens, not starting
+/// or ending with a hyphen, at most 253 characters without the optional trailing dot.
+/// A name whose last label is all digits is refused: it is a malformed IPv4 address
+/// (`10.0.0.256`, `010.0.0.1`) that a resolver might read in surprising ways.
+fn is_dns_name(host: &str) -> bool {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.len() > 253 {
+        return false;
+    }
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    let last_numeric = name
+        .rsplit('.')
+        .next()
+        .is_some_and(|label| label.bytes().all(|b| b.is_ascii_digit()));
+    name.split('.').all(label_ok) && !last_numeric
+}
+
+/// The key under which two entries are the same server: host without case or trailing dot,
+/// and port.
+fn identity(server: &ServerEntry) -> (String, u16) {
+    let host = server.host.strip_suffix('.').unwrap_or(&server.host);
+    (host.to_ascii_lowercase(), server.port)
+}
+
+/// The JSON text of an offending value, shortened so a rejection stays one readable line.
+fn quote(value: &Value) -> String {
+    let mut text = value.to_string();
+    if text.chars().count() > MAX_QUOTED {
+        text = text.chars().take(MAX_QUOTED).collect();
+        text.push_str("...");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(host: &str, port: u16, score: f64) -> ServerEntry {
+        ServerEntry {
+            host: host.to_owned(),
+            port,
+            score,
+        }
+    }
+
+    fn servers(count: usize) -> String {
+        let entries: Vec<String> = (0..count)
+            .map(|i| {
+                format!(
+                    r#"{{"host":"10.{}.{}.{}","score":1}}"#,
+                    i >> 16,
+                    (i >> 8) & 255,
+                    i & 255
+                )
+            })
+            .collect();
+        format!("[{}]", entries.join(","))
+    }
+
+    #[test]
+    fn accepts_valid_snapshots() {
+        let cases: &[(&str, &str, Vec<ServerEntry>)] = &[
+            (
+                "array form",
+                r#"[{"host":"10.0.0.7","port":8080,"score":3.5}]"#,
+                vec![entry("10.0.0.7", 8080, 3.5)],
+            ),
+            (
+                "object form",
+                r#"{"servers":[{"host":"10.0.0.7","port":8080,"score":3.5},{"host":"10.0.0.8","score":1}]}"#,
+                vec![entry("10.0.0.7", 8080, 3.5), entry("10.0.0.8", 80, 1.0)],
+            ),
+            (
+                "default port",
+                r#"[{"host":"10.0.0.8","score":1}]"#,
+                vec![entry("10.0.0.8", 80, 1.0)],
+            ),
+            (
+                "unknown fields everywhere",
+                r#"{"version":7,"servers":[{"host":"a.example","score":2,"zone":"eu","weight":9}]}"#,
+                vec![entry("a.example", 80, 2.0)],
+            ),
+            ("empty array", "[]", vec![]),
+            ("empty object form", r#"{"servers":[]}"#, vec![]),
+            (
+                "ipv6 literal",
+                r#"[{"host":"::1","port":8080,"score":1}]"#,
+                vec![entry("::1", 8080, 1.0)],
+            ),
+            (
+                "bracketed ipv6 stored without brackets",
+                r#"[{"host":"[2001:DB8::1]","score":1}]"#,
+                vec![entry("2001:db8::1", 80, 1.0)],
+            ),
+            (
+                "host names",
+                r#"[{"host":"backend-1.internal","score":1},{"host":"localhost","score":1},{"host":"Example.COM.","score":1},{"host":"3com.net","score":1}]"#,
+                vec![
+                    entry("backend-1.internal", 80, 1.0),
+                    entry("localhost", 80, 1.0),
+                    entry("Example.COM.", 80, 1.0),
+                    entry("3com.net", 80, 1.0),
+                ],
+            ),
+            (
+                "score zero, integer, exponent; port bounds",
+                r#"[{"host":"10.0.0.1","port":1,"score":0},{"host":"10.0.0.2","port":65535,"score":1e3},{"host":"10.0.0.3","score":-0.0}]"#,
+                vec![
+                    entry("10.0.0.1", 1, 0.0),
+                    entry("10.0.0.2", 65535, 1000.0),
+                    entry("10.0.0.3", 80, 0.0),
+                ],
+            ),
+        ];
+        for (name, text, expected) in cases {
+            let set = parse_snapshot(text, 80).unwrap_or_else(|e| panic!("{name}: rejected: {e}"));
+            assert_eq!(&set.servers, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn rejects_every_kind_of_bad_snapshot() {
+        // (name, text, expected Display text)
+        let cases: &[(&str, &str, &str)] = &[
+            ("empty text", "", "not valid json: EOF while parsing a value at line 1 column 0"),
+            ("garbage", "nope", "not valid json: expected ident at line 1 column 2"),
+            ("truncated", r#"[{"host":"#, "not valid json: EOF while parsing a value at line 1 column 9"),
+            ("a number", "42", "not a server snapshot: expected a json array or an object with a \"servers\" array"),
+            ("object without servers", r#"{"backends":[]}"#, "not a server snapshot: expected a json array or an object with a \"servers\" array"),
+            ("servers not an array", r#"{"servers":{}}"#, "not a server snapshot: expected a json array or an object with a \"servers\" array"),
+            ("entry not an object", r#"[{"host":"a","score":1},42]"#, "entry 1: value 42: must be an object"),
+            ("entry is a string", r#"["10.0.0.1:80"]"#, "entry 0: value \"10.0.0.1:80\": must be an object"),
+            ("missing host", r#"[{"score":1}]"#, "entry 0: field host: value missing: is required"),
+            ("empty host", r#"[{"host":"","score":1}]"#, "entry 0: field host: value \"\": must not be empty"),
+            ("numeric host", r#"[{"host":10,"score":1}]"#, "entry 0: field host: value 10: must be a string"),
+            ("null host", r#"[{"host":null,"score":1}]"#, "entry 0: field host: value null: must be a string"),
+            ("host with port", r#"[{"host":"10.0.0.1:80","score":1}]"#, "entry 0: field host: value \"10.0.0.1:80\": must be an ip address or a dns name"),
+            ("host with space", r#"[{"host":"a b","score":1}]"#, "entry 0: field host: value \"a b\": must be an ip address or a dns name"),
+            ("host with underscore", r#"[{"host":"a_b.example","score":1}]"#, "entry 0: field host: value \"a_b.example\": must be an ip address or a dns name"),
+            ("label starts with hyphen", r#"[{"host":"-a.example","score":1}]"#, "entry 0: field host: value \"-a.example\": must be an ip address or a dns name"),
+            ("label ends with hyphen", r#"[{"host":"a-.example","score":1}]"#, "entry 0: field host: value \"a-.example\": must be an ip address or a dns name"),
+            ("empty label", r#"[{"host":"a..example","score":1}]"#, "entry 0: field host: value \"a..example\": must be an ip address or a dns name"),
+            ("only a dot", r#"[{"host":".","score":1}]"#, "entry 0: field host: value \".\": must be an ip address or a dns name"),
+            ("ipv4 octet too big", r#"[{"host":"10.0.0.256","score":1}]"#, "entry 0: field host: value \"10.0.0.256\": must be an ip address or a dns name"),
+            ("bad bracketed ipv6", r#"[{"host":"[10.0.0.1]","score":1}]"#, "entry 0: field host: value \"[10.0.0.1]\": must be an ip address or a dns name"),
+            ("ipv6 with zone", r#"[{"host":"fe80::1%eth0","score":1}]"#, "entry 0: field host: value \"fe80::1%eth0\": must be an ip address or a dns name"),
+            ("url as host", r#"[{"host":"http://a.example/","score":1}]"#, "entry 0: field host: value \"http://a.example/\": must be an ip address or a dns name"),
+            ("port zero", r#"[{"host":"a","port":0,"score":1}]"#, "entry 0: field port: value 0: must be an integer from 1 to 65535"),
+            ("port too big", r#"[{"host":"a","port":70000,"score":1}]"#, "entry 0: field port: value 70000: must be an integer from 1 to 65535"),
+            ("negative port", r#"[{"host":"a","port":-80,"score":1}]"#, "entry 0: field port: value -80: must be an integer from 1 to 65535"),
+            ("fractional port", r#"[{"host":"a","port":80.5,"score":1}]"#, "entry 0: field port: value 80.5: must be an integer from 1 to 65535"),
+            ("float port", r#"[{"host":"a","port":80.0,"score":1}]"#, "entry 0: field port: value 80.0: must be an integer from 1 to 65535"),
+            ("string port", r#"[{"host":"a","port":"80","score":1}]"#, "entry 0: field port: value \"80\": must be an integer from 1 to 65535"),
+            ("null port", r#"[{"host":"a","port":null,"score":1}]"#, "entry 0: field port: value null: must be an integer from 1 to 65535"),
+            ("missing score", r#"[{"host":"a"}]"#, "entry 0: field score: value missing: is required"),
+            ("negative score later", r#"[{"host":"a","score":1},{"host":"b","score":1},{"host":"c","score":-1}]"#, "entry 2: field score: value -1: must be a finite number >= 0"),
+            ("string score", r#"[{"host":"a","score":"3"}]"#, "entry 0: field score: value \"3\": must be a finite number >= 0"),
+            ("null score", r#"[{"host":"a","score":null}]"#, "entry 0: field score: value null: must be a finite number >= 0"),
+            ("boolean score", r#"[{"host":"a","score":true}]"#, "entry 0: field score: value true: must be a finite number >= 0"),
+            ("first bad field wins", r#"[{"host":"","port":0}]"#, "entry 0: field host: value \"\": must not be empty"),
+            ("duplicate", r#"[{"host":"10.0.0.1","score":1},{"host":"10.0.0.2","score":1},{"host":"10.0.0.3","score":1},{"host":"10.0.0.1","port":80,"score":2}]"#, "entry 3: duplicate server 10.0.0.1:80"),
+            ("duplicate by default port", r#"[{"host":"10.0.0.1","port":80,"score":1},{"host":"10.0.0.1","score":1}]"#, "entry 1: duplicate server 10.0.0.1:80"),
+            ("duplicate ignoring case", r#"[{"host":"api.example","score":1},{"host":"API.Example","score":1}]"#, "entry 1: duplicate server API.Example:80"),
+            ("duplicate ignoring trailing dot", r#"[{"host":"api.example","score":1},{"host":"api.example.","score":1}]"#, "entry 1: duplicate server api.example.:80"),
+            ("duplicate ipv6 spellings", r#"[{"host":"::1","port":8080,"score":1},{"host":"[0:0:0:0:0:0:0:1]","port":8080,"score":1}]"#, "entry 1: duplicate server [::1]:8080"),
+            ("bad entry before duplicate", r#"[{"host":"a","score":1},{"host":"a","score":1},{"host":"b"}]"#, "entry 1: duplicate server a:80"),
+        ];
+        for (name, text, expected) in cases {
+            match parse_snapshot(text, 80) {
+                Ok(set) => panic!("{name}: accepted {set:?}"),
+                Err(rejection) => assert_eq!(rejection.to_string(), *expected, "{name}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_entry_carries_index_field_and_value() {
+        let rejection = parse_snapshot(
+            r#"[{"host":"a","score":1},{"host":"b","port":70000,"score":1}]"#,
+            80,
+        );
+        assert_eq!(
+            rejection,
+            Err(Rejection::BadEntry {
+                index: 1,
+                field: "port",
+                value: "70000".to_owned(),
+                reason: "must be an integer from 1 to 65535",
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_host_name_longer_than_253() {
+        let label = "a".repeat(63);
+        let ok = [label.as_str(); 4].join(".")[..253].to_owned();
+        let ok_dot = format!("{ok}.");
+        let too_long = format!("{ok}a");
+        let long_label = format!("{}.example", "a".repeat(64));
+        for (host, accepted) in [
+            (&ok, true),
+            (&ok_dot, true),
+            (&too_long, false),
+            (&long_label, false),
+        ] {
+            let text = format!(r#"[{{"host":"{host}","score":1}}]"#);
+            assert_eq!(parse_snapshot(&text, 80).is_ok(), accepted, "{host}");
+        }
+    }
+
+    #[test]
+    fn quoted_value_is_shortened() {
+        let host = "x".repeat(500);
+        let text = format!(r#"[{{"host":"{host}!","score":1}}]"#);
+        let message = parse_snapshot(&text, 80).expect_err("bad host").to_string();
+        assert!(
+            message.len() < 200 && message.contains("xxx...: must be"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn accepts_exactly_max_servers() {
+        let set = parse_snapshot(&servers(MAX_SERVERS), 80).expect("10,000 servers are allowed");
+        assert_eq!(set.servers.len(), MAX_SERVERS);
+    }
+
+    #[test]
+    fn rejects_one_server_over_max_before_validating_entries() {
+        let mut text = servers(MAX_SERVERS);
+        // One more entry, and a bad one: the count is what gets reported.
+        text.insert_str(1, r#"{"host":""},"#);
+        let rejection = parse_snapshot(&text, 80).expect_err("too many");
+        assert_eq!(rejection, Rejection::TooManyServers(10_001));
+        assert_eq!(
+            rejection.to_string(),
+            "too many servers: 10001 (limit 10000)"
+        );
+    }
+
+    #[test]
+    fn uses_the_given_default_port() {
+        let set = parse_snapshot(r#"[{"host":"a","score":1}]"#, 9000).expect("valid");
+        assert_eq!(set.servers[0].port, 9000);
+    }
+
+    #[test]
+    fn label_brackets_ipv6_only() {
+        assert_eq!(entry("10.0.0.1", 80, 1.0).label(), "10.0.0.1:80");
+        assert_eq!(entry("::1", 8080, 1.0).label(), "[::1]:8080");
+        assert_eq!(entry("a.example", 443, 1.0).label(), "a.example:443");
+    }
+
+    #[test]
+    fn binary_frame_message() {
+        assert_eq!(
+            Rejection::BinaryFrame.to_string(),
+            "binary frames are not accepted"
+        );
+    }
+}

@@ -1,0 +1,413 @@
+//! Moving one exchange's bytes: the request body to the backend, the response back to the client.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use crate::body::ChunkedDecoder;
+use crate::cache::Storability;
+use crate::client::{Upstream, UpstreamError};
+use crate::http::{
+    is_hop_by_hop, parse_response, write_chunk_header_to, write_response_head, RequestFraming,
+    ResponseFraming, ResponseHead, ResponseOptions, Version,
+};
+use crate::metrics::ErrorKind;
+use crate::proxy::{cache_decision, store, Exchange, Failure, Next};
+use crate::shard::Shard;
+use crate::stream::{tunnel, Conn};
+
+/// A backend's receive buffer may grow to hold a head this large (then the head is refused).
+const UPSTREAM_BUFFER_MAX: usize = crate::http::MAX_HEAD_BYTES + 16 * 1024;
+/// Upgraded (WebSocket) tunnels close after this long without a byte in either direction.
+pub const TUNNEL_IDLE: Duration = Duration::from_secs(3600);
+
+/// A response that reached the client (completely, or cut short by a failure mid-body).
+pub struct Relayed {
+    pub status: u16,
+    pub next: Next,
+    /// The backend connection is in a clean state and may go back to the pool.
+    pub reusable: bool,
+    /// The backend failed after the response had started (counted, but no retry is possible).
+    pub backend_error: Option<ErrorKind>,
+}
+
+impl Relayed {
+    fn cut_short(status: u16, kind: Option<ErrorKind>) -> Self {
+        Relayed {
+            status,
+            next: Next::Close,
+            reusable: false,
+            backend_error: kind,
+        }
+    }
+}
+
+fn upstream_failure(kind: ErrorKind, upstream: &Upstream, detail: impl std::fmt::Display) -> Failure {
+    let mut e = UpstreamError::new(kind, upstream.reused, true, detail);
+    e.response_started = upstream.conn.has_pending();
+    Failure::Upstream(e)
+}
+
+/// Reads until a complete response head is buffered (left unconsumed), or the deadline passes.
+async fn read_response_head(upstream: &mut Upstream, request_was_head: bool, resp: &mut ResponseHead, deadline: Instant) -> Result<(), Failure> {
+    loop {
+        if upstream.conn.has_pending() {
+            match parse_response(upstream.conn.pending(), request_was_head, resp) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(upstream_failure(ErrorKind::BadResponse, upstream, e)),
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(upstream_failure(ErrorKind::Timeout, upstream, "no response head in time"));
+        }
+        upstream.conn.set_read_timeout(Some(left));
+        match upstream.conn.fill(UPSTREAM_BUFFER_MAX).await {
+            Ok(0) => return Err(upstream_failure(ErrorKind::Reset, upstream, "closed before the response head")),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(upstream_failure(ErrorKind::Timeout, upstream, "no response head in time"))
+            }
+            Err(e) if e.to_string().contains("receive buffer full") => {
+                return Err(upstream_failure(ErrorKind::BadResponse, upstream, "response head too large"))
+            }
+            Err(e) => return Err(upstream_failure(ErrorKind::Reset, upstream, e)),
+        }
+    }
+}
+
+/// What the backend said to `Expect: 100-continue`.
+pub enum Continue {
+    SendBody,
+    Answered(Relayed),
+}
+
+/// Waits briefly for the backend's interim answer before the body is sent: `100 Continue`
+/// (relayed to the client, which then sends its body), a final answer (relayed; the body is
+/// never sent), or silence (send the body anyway).
+pub async fn await_continue(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut Upstream, wait: Duration) -> Result<Continue, Failure> {
+    let deadline = Instant::now() + wait;
+    let mut resp = ResponseHead::default();
+    loop {
+        match read_response_head(upstream, ex.head.is_head, &mut resp, deadline).await {
+            Ok(()) => {}
+            Err(Failure::Upstream(e)) if e.kind == ErrorKind::Timeout => return Ok(Continue::SendBody),
+            Err(other) => return Err(other),
+        }
+        if !resp.interim {
+            let relayed = relay_response(ex, client, upstream, ex.shard.config.request_timeout, false).await?;
+            return Ok(Continue::Answered(relayed));
+        }
+        let is_continue = resp.status == 100;
+        relay_interim(ex, client, upstream, &resp).await?;
+        if is_continue {
+            return Ok(Continue::SendBody);
+        }
+    }
+}
+
+async fn relay_interim(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut Upstream, resp: &ResponseHead) -> Result<(), Failure> {
+    // HTTP/1.0 clients do not understand interim responses (RFC 9110 §15.2).
+    if ex.head.version == Version::Http11 {
+        let mut out = Vec::with_capacity(resp.head_len);
+        let opts = ResponseOptions {
+            keep_alive: true,
+            client_version: Version::Http11,
+            dechunk: false,
+            extra: &[],
+        };
+        write_response_head(resp, upstream.conn.pending(), &opts, &mut out);
+        client.write_all(&out).await.map_err(|_| Failure::Client)?;
+    }
+    upstream.conn.consume(resp.head_len);
+    Ok(())
+}
+
+/// Streams a request body that was not buffered from the client to the backend.
+pub async fn forward_body(shard: &Shard, client: &mut Conn, upstream: &mut Upstream, framing: RequestFraming) -> Result<(), Failure> {
+    let mut remaining = match framing {
+        RequestFraming::Length(n) => n,
+        RequestFraming::Chunked => u64::MAX,
+        RequestFraming::None => return Ok(()),
+    };
+    let mut decoder = ChunkedDecoder::new();
+    client.set_read_timeout(Some(shard.config.client_idle_timeout));
+    loop {
+        if client.has_pending() {
+            let take = match framing {
+                RequestFraming::Chunked => decoder
+                    .feed(client.pending(), |_| {})
+                    .map_err(|_| Failure::ClientStatus(400))?,
+                _ => client.pending().len().min(remaining as usize),
+            };
+            upstream
+                .conn
+                .write_all(&client.pending()[..take])
+                .await
+                .map_err(|e| upstream_failure(ErrorKind::Reset, upstream, e))?;
+            client.consume(take);
+            if framing != RequestFraming::Chunked {
+                remaining -= take as u64;
+            }
+        }
+        let finished = match framing {
+            RequestFraming::Chunked => decoder.is_done(),
+            _ => remaining == 0,
+        };
+        if finished {
+            return Ok(());
+        }
+        match client.fill(crate::http::MAX_HEAD_BYTES).await {
+            Ok(n) if n > 0 => {}
+            _ => return Err(Failure::Client),
+        }
+    }
+}
+
+/// Relays the backend's response (interim ones first) to the client.
+pub async fn relay_response(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut Upstream, timeout: Duration, body_sent: bool) -> Result<Relayed, Failure> {
+    let shard = ex.shard;
+    let head = ex.head;
+    let deadline = Instant::now() + timeout;
+    let mut resp = ResponseHead::default();
+    loop {
+        read_response_head(upstream, head.is_head, &mut resp, deadline).await?;
+        if !resp.interim {
+            break;
+        }
+        relay_interim(ex, client, upstream, &resp).await?;
+    }
+    let status = resp.status;
+
+    if resp.upgraded {
+        if !head.websocket_upgrade {
+            return Err(upstream_failure(ErrorKind::BadResponse, upstream, "101 to a request that asked for no upgrade"));
+        }
+        return Ok(switch_protocols(ex, client, upstream, &resp).await);
+    }
+
+    let dechunk = head.version == Version::Http10 && resp.framing == ResponseFraming::Chunked;
+    let keep_alive = head.keep_alive
+        && body_sent
+        && !shard.shutdown.is_fired()
+        && resp.framing != ResponseFraming::Close
+        && !dechunk;
+
+    let pending = upstream.conn.pending();
+    let mut store_plan = None;
+    if let (Some(_), false) = (ex.candidate, head.is_head) {
+        let headers: Vec<(&[u8], &[u8])> = resp.headers(pending).collect();
+        let body_len = match resp.framing {
+            ResponseFraming::Length(n) => Some(n),
+            ResponseFraming::None => Some(0),
+            _ => None,
+        };
+        if let Storability::Store { ttl, vary_accept_encoding } = cache_decision(shard, status, &headers, body_len) {
+            let kept = headers
+                .iter()
+                .filter(|(name, _)| !is_hop_by_hop(name))
+                .map(|(n, v)| (Box::from(*n), Box::from(*v)))
+                .collect::<Vec<(Box<[u8]>, Box<[u8]>)>>();
+            store_plan = Some((kept, vary_accept_encoding, ttl, Vec::new()));
+        }
+    }
+    let extra: &[(&str, &str)] = if ex.candidate.is_some() { &[("X-Cache", "MISS")] } else { &[] };
+    let mut out = Vec::with_capacity(resp.head_len + 128);
+    let opts = ResponseOptions {
+        keep_alive,
+        client_version: head.version,
+        dechunk,
+        extra,
+    };
+    write_response_head(&resp, pending, &opts, &mut out);
+    upstream.conn.consume(resp.head_len);
+
+    let max_store = shard.config.cache_max_object_bytes;
+    let mut collect = |bytes: &[u8], plan: &mut Option<(Vec<(Box<[u8]>, Box<[u8]>)>, bool, Duration, Vec<u8>)>| {
+        if let Some((_, _, _, body)) = plan {
+            if body.len() + bytes.len() > max_store {
+                *plan = None;
+            } else {
+                body.extend_from_slice(bytes);
+            }
+        }
+    };
+
+    upstream.conn.set_read_timeout(Some(shard.config.request_timeout));
+    let body = match resp.framing {
+        ResponseFraming::None => client.write_all(&out).await.map_err(|_| ()).map(|_| BodyEnd::Complete),
+        ResponseFraming::Length(n) => {
+            let mut remaining = n;
+            let mut first = Some(out);
+            loop {
+                let take = (upstream.conn.pending().len() as u64).min(remaining) as usize;
+                let chunk = &upstream.conn.pending()[..take];
+                collect(chunk, &mut store_plan);
+                let written = match first.take() {
+                    Some(mut head_out) => {
+                        head_out.extend_from_slice(chunk);
+                        client.write_all(&head_out).await
+                    }
+                    None if take > 0 => client.write_all(chunk).await,
+                    None => Ok(()),
+                };
+                if written.is_err() {
+                    break Err(());
+                }
+                upstream.conn.consume(take);
+                remaining -= take as u64;
+                if remaining == 0 {
+                    break Ok(BodyEnd::Complete);
+                }
+                if let Some(kind) = refill(upstream).await {
+                    break Ok(BodyEnd::Failed(kind));
+                }
+            }
+        }
+        ResponseFraming::Chunked => {
+            let mut decoder = ChunkedDecoder::new();
+            let mut first = Some(out);
+            let mut staged = Vec::new();
+            loop {
+                staged.clear();
+                if let Some(head_out) = first.take() {
+                    staged = head_out;
+                }
+                let pending = upstream.conn.pending();
+                let mut data_len = 0;
+                let fed = decoder.feed(pending, |data| {
+                    collect(data, &mut store_plan);
+                    if dechunk {
+                        staged.extend_from_slice(data);
+                    }
+                    data_len += data.len();
+                });
+                let consumed = match fed {
+                    Ok(c) => c,
+                    Err(_) => {
+                        let _ = client.write_all(&staged).await;
+                        break Ok(BodyEnd::Failed(ErrorKind::BadResponse));
+                    }
+                };
+                if !dechunk {
+                    staged.extend_from_slice(&pending[..consumed]);
+                }
+                let _ = data_len;
+                if !staged.is_empty() && client.write_all(&staged).await.is_err() {
+                    break Err(());
+                }
+                upstream.conn.consume(consumed);
+                if decoder.is_done() {
+                    break Ok(BodyEnd::Complete);
+                }
+                if let Some(kind) = refill(upstream).await {
+                    break Ok(BodyEnd::Failed(kind));
+                }
+            }
+        }
+        ResponseFraming::Close => {
+            let mut first = Some(out);
+            loop {
+                let chunk = upstream.conn.pending();
+                collect(chunk, &mut store_plan);
+                let written = match first.take() {
+                    Some(mut head_out) => {
+                        head_out.extend_from_slice(chunk);
+                        client.write_all(&head_out).await
+                    }
+                    None => client.write_all(chunk).await,
+                };
+                if written.is_err() {
+                    break Err(());
+                }
+                let n = chunk_len(upstream);
+                upstream.conn.consume(n);
+                upstream.conn.set_read_timeout(Some(shard.config.request_timeout));
+                match upstream.conn.fill(crate::client::UPSTREAM_BUFFER).await {
+                    Ok(0) => break Ok(BodyEnd::Complete),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => break Ok(BodyEnd::Failed(ErrorKind::Timeout)),
+                    Err(_) => break Ok(BodyEnd::Failed(ErrorKind::Reset)),
+                }
+            }
+        }
+    };
+    shard.metrics.record_request(status, ex.started.elapsed());
+    match body {
+        Err(()) => Ok(Relayed::cut_short(status, None)),
+        Ok(BodyEnd::Failed(kind)) => Ok(Relayed::cut_short(status, Some(kind))),
+        Ok(BodyEnd::Complete) => {
+            if let (Some(candidate), Some((headers, vary, ttl, body))) = (ex.candidate, store_plan) {
+                store(shard, candidate, status, headers, vary, ttl, body);
+            }
+            let next = if keep_alive {
+                Next::KeepAlive
+            } else if body_sent {
+                Next::Close
+            } else {
+                Next::Linger
+            };
+            Ok(Relayed {
+                status,
+                next,
+                reusable: resp.keep_alive && body_sent && resp.framing != ResponseFraming::Close,
+                backend_error: None,
+            })
+        }
+    }
+}
+
+fn chunk_len(upstream: &Upstream) -> usize {
+    upstream.conn.pending().len()
+}
+
+enum BodyEnd {
+    Complete,
+    Failed(ErrorKind),
+}
+
+/// Reads more of a response body; `Some(kind)` when the backend failed mid-body.
+async fn refill(upstream: &mut Upstream) -> Option<ErrorKind> {
+    match upstream.conn.fill(crate::client::UPSTREAM_BUFFER).await {
+        Ok(0) => Some(ErrorKind::Reset),
+        Ok(_) => None,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => Some(ErrorKind::Timeout),
+        Err(_) => Some(ErrorKind::Reset),
+    }
+}
+
+/// `101 Switching Protocols` to a WebSocket request: relay the head, then tunnel bytes.
+async fn switch_protocols(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut Upstream, resp: &ResponseHead) -> Relayed {
+    let mut out = Vec::with_capacity(resp.head_len + 64);
+    let opts = ResponseOptions {
+        keep_alive: true,
+        client_version: Version::Http11,
+        dechunk: false,
+        extra: &[],
+    };
+    write_response_head(resp, upstream.conn.pending(), &opts, &mut out);
+    upstream.conn.consume(resp.head_len);
+    out.extend_from_slice(upstream.conn.pending());
+    upstream.conn.consume(usize::MAX);
+    ex.shard.metrics.record_request(101, ex.started.elapsed());
+    if client.write_all(&out).await.is_err() {
+        return Relayed::cut_short(101, None);
+    }
+    if client.has_pending() {
+        let early = client.pending().to_vec();
+        client.consume(early.len());
+        if upstream.conn.write_all(&early).await.is_err() {
+            return Relayed::cut_short(101, None);
+        }
+    }
+    tunnel(&mut client.stream, &mut upstream.conn.stream, TUNNEL_IDLE).await;
+    Relayed::cut_short(101, None)
+}
+
+// Used by the chunked re-encoding path if a future change needs it; kept next to its peers.
+#[allow(dead_code)]
+fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    write_chunk_header_to(data.len(), out);
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}

@@ -1,0 +1,470 @@
+//! One glommio executor per CPU: its listener, its balancer, pool and cache, set updates and drain.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{self, Write as _};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use futures_lite::AsyncReadExt;
+use glommio::net::{TcpListener, UnixStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use log::{debug, info, warn};
+
+use crate::balancer::{Backend, Balancer, Pick};
+use crate::cache::{shard_capacity, Cache};
+use crate::client::Pool;
+use crate::config::Config;
+use crate::metrics::{BackendStats, ShardMetrics};
+
+/// How long in-flight requests may take to finish after a shutdown signal.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Memory glommio registers with io_uring per shard. It serves file DMA, which the balancer
+/// does not do (sockets read into our own buffers), so the 64 KiB minimum keeps every shard
+/// far below the default 8 MiB memlock limit.
+const IO_MEMORY: usize = 64 * 1024;
+/// Cap of the cache GC task's sleep: expired entries are gone within this period.
+const CACHE_GC_INTERVAL: Duration = Duration::from_secs(5);
+/// How often each shard recomputes its selection table (ends ejections) and sweeps its pool.
+const REBUILD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A server set broadcast to every shard.
+#[derive(Debug)]
+pub struct Update {
+    pub version: u64,
+    pub backends: Vec<Backend>,
+}
+
+pub enum ShardCommand {
+    Apply(Arc<Update>),
+    Shutdown,
+}
+
+/// The sending side of one shard's command channel, usable from any thread.
+pub struct ShardHandle {
+    tx: Sender<ShardCommand>,
+    wake: StdUnixStream,
+}
+
+impl ShardHandle {
+    /// Queues a command and wakes the shard at once (a byte on its socketpair), so shards
+    /// never poll for updates.
+    pub fn send(&self, command: ShardCommand) {
+        if self.tx.send(command).is_ok() {
+            // A full socket buffer means a wake-up is already pending: nothing is lost.
+            let _ = (&self.wake).write(&[1]);
+        }
+    }
+
+    pub fn try_clone(&self) -> io::Result<ShardHandle> {
+        Ok(ShardHandle {
+            tx: self.tx.clone(),
+            wake: self.wake.try_clone()?,
+        })
+    }
+}
+
+/// Why a shard could not start; each message says what to do.
+#[derive(Debug)]
+pub enum StartupError {
+    PortInUse(SocketAddr),
+    Bind(SocketAddr, io::Error),
+    MemlockTooLow(u64),
+    IoUring(String),
+    Thread(io::Error),
+}
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartupError::PortInUse(addr) => write!(
+                f,
+                "cannot listen on {addr}: the port is already in use by another program; stop it or choose another port with HOST_PORT_HTTP_BALANCER (or ADMIN_PORT)"
+            ),
+            StartupError::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            StartupError::MemlockTooLow(limit) => write!(
+                f,
+                "the memlock limit is too low ({limit} bytes; io_uring needs at least 524288): raise it with `ulimit -l 8192`, LimitMEMLOCK=8M in the systemd unit, or memlock in /etc/security/limits.conf"
+            ),
+            StartupError::IoUring(e) => write!(
+                f,
+                "io_uring is unavailable ({e}): run on Linux 5.8 or newer with io_uring enabled (sysctl kernel.io_uring_disabled=0) and not blocked by seccomp"
+            ),
+            StartupError::Thread(e) => write!(f, "cannot start a shard thread: {e}"),
+        }
+    }
+}
+
+/// One-shot broadcast inside a shard: shutdown wakes the accept loop and idle connections.
+#[derive(Default)]
+pub struct Signal {
+    fired: Cell<bool>,
+    waiters: RefCell<HashMap<u64, Waker>>,
+    next_id: Cell<u64>,
+}
+
+impl Signal {
+    pub fn fire(&self) {
+        self.fired.set(true);
+        for (_, w) in self.waiters.borrow_mut().drain() {
+            w.wake();
+        }
+    }
+    pub fn is_fired(&self) -> bool {
+        self.fired.get()
+    }
+    /// A future that completes once the signal fires.
+    pub fn wait(&self) -> SignalWait<'_> {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        SignalWait { signal: self, id }
+    }
+}
+
+pub struct SignalWait<'a> {
+    signal: &'a Signal,
+    id: u64,
+}
+
+impl Future for SignalWait<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signal.fired.get() {
+            return Poll::Ready(());
+        }
+        self.signal
+            .waiters
+            .borrow_mut()
+            .insert(self.id, cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for SignalWait<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.signal.waiters.try_borrow_mut() {
+            w.remove(&self.id);
+        }
+    }
+}
+
+/// Everything one shard owns. Tasks share it through `Rc`; borrows never cross an `.await`.
+pub struct Shard {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub balancer: RefCell<Balancer>,
+    /// Counters of the servers in `balancer`, in the same order.
+    pub backend_stats: RefCell<Vec<Arc<BackendStats>>>,
+    pub pool: RefCell<Pool>,
+    pub cache: RefCell<Cache>,
+    pub rng: RefCell<fastrand::Rng>,
+    pub metrics: Arc<ShardMetrics>,
+    pub shutdown: Signal,
+    pub active_connections: Cell<usize>,
+}
+
+impl Shard {
+    /// The counters of a picked server, also for picks made before the latest set change.
+    pub fn stats_for(&self, pick: &Pick) -> Option<Arc<BackendStats>> {
+        let stats = self.backend_stats.borrow();
+        if pick.generation == self.balancer.borrow().generation() {
+            if let Some(s) = stats.get(pick.index) {
+                return Some(s.clone());
+            }
+        }
+        stats.iter().find(|s| s.label == pick.backend.label).cloned()
+    }
+
+    fn apply(&self, update: &Update) {
+        let now = Instant::now();
+        let retired = self
+            .balancer
+            .borrow_mut()
+            .replace(update.backends.clone(), now);
+        {
+            let mut pool = self.pool.borrow_mut();
+            for addr in retired {
+                pool.close_idle(addr);
+            }
+        }
+        let old: HashMap<Arc<str>, Arc<BackendStats>> = self
+            .backend_stats
+            .borrow()
+            .iter()
+            .map(|s| (s.label.clone(), s.clone()))
+            .collect();
+        let stats: Vec<Arc<BackendStats>> = update
+            .backends
+            .iter()
+            .map(|b| match old.get(&b.label) {
+                Some(s) => {
+                    s.set_score(b.score);
+                    s.clone()
+                }
+                None => Arc::new(BackendStats::new(b.label.clone(), b.score)),
+            })
+            .collect();
+        self.metrics.set_backends(stats.clone());
+        *self.backend_stats.borrow_mut() = stats;
+        self.refresh_ejected();
+        self.metrics.applied_version.set(update.version);
+    }
+
+    /// Publishes which servers are ejected on this shard (for `/servers` and the gauge).
+    pub fn refresh_ejected(&self) {
+        let balancer = self.balancer.borrow();
+        for (i, s) in self.backend_stats.borrow().iter().enumerate() {
+            s.ejected.store(balancer.is_ejected(i), Relaxed);
+        }
+    }
+}
+
+/// What `start` hands back for one running shard.
+pub struct RunningShard {
+    pub handle: ShardHandle,
+    pub thread: std::thread::JoinHandle<()>,
+    pub local_addr: SocketAddr,
+    pub metrics: Arc<ShardMetrics>,
+}
+
+/// Starts one shard pinned to `cpu`, listening on `addr`, routing by `initial` until told
+/// otherwise. Returns once its listener is bound (or with the reason it could not start).
+pub fn start(
+    id: usize,
+    cpu: usize,
+    addr: SocketAddr,
+    config: Arc<Config>,
+    initial: Arc<Update>,
+    acks: Sender<(usize, u64)>,
+) -> Result<RunningShard, StartupError> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let (wake_tx, wake_rx) = StdUnixStream::pair().map_err(StartupError::Thread)?;
+    wake_tx.set_nonblocking(true).map_err(StartupError::Thread)?;
+    let metrics = Arc::new(ShardMetrics::default());
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let thread_metrics = metrics.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("shard-{id}"))
+        .spawn(move || {
+            let executor = match LocalExecutorBuilder::new(Placement::Fixed(cpu))
+                .name(&format!("shard-{id}"))
+                .io_memory(IO_MEMORY)
+                .make()
+            {
+                Ok(ex) => ex,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(executor_error(e)));
+                    return;
+                }
+            };
+            executor.run(async move {
+                let listener = match TcpListener::bind(addr) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(bind_error(addr, e)));
+                        return;
+                    }
+                };
+                let local = listener.local_addr().unwrap_or(addr);
+                let shard = Rc::new(Shard {
+                    id,
+                    balancer: RefCell::new(Balancer::new(Vec::new(), Instant::now())),
+                    backend_stats: RefCell::new(Vec::new()),
+                    pool: RefCell::new(Pool::default()),
+                    cache: RefCell::new(Cache::new(shard_capacity(
+                        config.cache_capacity,
+                        config.cpus.len(),
+                    ))),
+                    rng: RefCell::new(fastrand::Rng::new()),
+                    metrics: thread_metrics,
+                    shutdown: Signal::default(),
+                    active_connections: Cell::new(0),
+                    config,
+                });
+                shard.apply(&initial);
+                let _ = ready_tx.send(Ok(local));
+                run(shard, listener, wake_rx, rx, acks).await;
+            });
+        })
+        .map_err(StartupError::Thread)?;
+    match ready_rx.recv() {
+        Ok(Ok(local_addr)) => Ok(RunningShard {
+            handle: ShardHandle { tx, wake: wake_tx },
+            thread,
+            local_addr,
+            metrics,
+        }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(StartupError::IoUring("the shard thread stopped during startup".into()))
+        }
+    }
+}
+
+fn bind_error(addr: SocketAddr, e: glommio::GlommioError<()>) -> StartupError {
+    match e {
+        glommio::GlommioError::IoError(io) if io.kind() == io::ErrorKind::AddrInUse => {
+            StartupError::PortInUse(addr)
+        }
+        glommio::GlommioError::IoError(io) => StartupError::Bind(addr, io),
+        other => StartupError::Bind(addr, io::Error::other(other.to_string())),
+    }
+}
+
+fn executor_error(e: glommio::GlommioError<()>) -> StartupError {
+    match e {
+        glommio::GlommioError::ReactorError(glommio::ReactorErrorKind::MemLockLimit(limit, _)) => {
+            StartupError::MemlockTooLow(limit)
+        }
+        other => StartupError::IoUring(other.to_string()),
+    }
+}
+
+async fn run(
+    shard: Rc<Shard>,
+    listener: TcpListener,
+    wake: StdUnixStream,
+    commands: Receiver<ShardCommand>,
+    acks: Sender<(usize, u64)>,
+) {
+    glommio::spawn_local(watch_commands(shard.clone(), wake, commands, acks)).detach();
+    glommio::spawn_local(rebuild_periodically(shard.clone())).detach();
+    if shard.cache.borrow().capacity() > 0 {
+        glommio::spawn_local(purge_cache_periodically(shard.clone())).detach();
+    }
+
+    loop {
+        let accepted = futures_lite::future::or(
+            async { Some(listener.accept().await) },
+            async {
+                shard.shutdown.wait().await;
+                None
+            },
+        )
+        .await;
+        match accepted {
+            None => break,
+            Some(Ok(stream)) => {
+                let peer = stream.peer_addr().ok();
+                let shard = shard.clone();
+                glommio::spawn_local(async move {
+                    shard.active_connections.set(shard.active_connections.get() + 1);
+                    crate::proxy::serve(&shard, stream, peer).await;
+                    shard.active_connections.set(shard.active_connections.get() - 1);
+                })
+                .detach();
+            }
+            Some(Err(e)) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!("accept failed on shard {}: {e}", shard.id);
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    drain(&shard).await;
+}
+
+/// Lets in-flight requests finish (idle connections close as soon as they see the signal).
+async fn drain(shard: &Shard) {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while shard.active_connections.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    if shard.active_connections.get() > 0 {
+        warn!(
+            "shard {} stopping with {} connections still open after {}s",
+            shard.id,
+            shard.active_connections.get(),
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
+    shard.pool.borrow_mut().clear();
+}
+
+async fn watch_commands(
+    shard: Rc<Shard>,
+    wake: StdUnixStream,
+    commands: Receiver<ShardCommand>,
+    acks: Sender<(usize, u64)>,
+) {
+    let wake = match into_glommio(wake) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!("shard {} cannot watch for updates: {e}", shard.id);
+            return;
+        }
+    };
+    let mut buf = [0u8; 64];
+    loop {
+        while let Ok(command) = commands.try_recv() {
+            match command {
+                ShardCommand::Apply(update) => {
+                    shard.apply(&update);
+                    debug!(
+                        "shard {} routes by version={} servers={}",
+                        shard.id,
+                        update.version,
+                        update.backends.len()
+                    );
+                    let _ = acks.send((shard.id, update.version));
+                }
+                ShardCommand::Shutdown => {
+                    info!("shard {} stops accepting and drains", shard.id);
+                    shard.shutdown.fire();
+                }
+            }
+        }
+        match wake.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn into_glommio(stream: StdUnixStream) -> io::Result<UnixStream> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    stream.set_nonblocking(true)?;
+    // SAFETY: the descriptor comes from `into_raw_fd`, so ownership moves to the glommio stream
+    // and nothing else closes it.
+    Ok(unsafe { UnixStream::from_raw_fd(stream.into_raw_fd()) })
+}
+
+async fn rebuild_periodically(shard: Rc<Shard>) {
+    while !shard.shutdown.is_fired() {
+        glommio::timer::sleep(REBUILD_INTERVAL).await;
+        let now = Instant::now();
+        shard.balancer.borrow_mut().rebuild(now);
+        shard.refresh_ejected();
+        shard.pool.borrow_mut().sweep(now);
+    }
+}
+
+async fn purge_cache_periodically(shard: Rc<Shard>) {
+    while !shard.shutdown.is_fired() {
+        let now = Instant::now();
+        let next = shard.cache.borrow_mut().purge_expired(now);
+        shard
+            .metrics
+            .cache_entries
+            .set(shard.cache.borrow().len() as u64);
+        let sleep = next
+            .map(|t| t.saturating_duration_since(now))
+            .unwrap_or(CACHE_GC_INTERVAL)
+            .clamp(Duration::from_millis(10), CACHE_GC_INTERVAL);
+        glommio::timer::sleep(sleep).await;
+    }
+}

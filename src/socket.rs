@@ -1,0 +1,259 @@
+//! The agent thread: a blocking WebSocket client that follows the deployment agent's server set.
+//!
+//! Each text message is validated (`queue`), resolved (`resolve`), broadcast to every shard and
+//! acknowledged once every shard routes by it. The connection is retried forever with
+//! exponential backoff; the last good set keeps serving meanwhile.
+
+use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use log::{info, warn};
+use tungstenite::{Message, WebSocket};
+
+use crate::admin::Status;
+use crate::backoff::Backoff;
+use crate::config::AgentEndpoint;
+use crate::queue::{parse_snapshot, Rejection, ServerSet};
+use crate::resolve::resolve;
+use crate::shard::{ShardCommand, ShardHandle, Update};
+
+/// First reconnect delay; doubles up to AGENT_BACKOFF_MAX.
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a connect or the WebSocket handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The socket read timeout: how often the thread wakes to ping, check liveness and shutdown.
+const TICK: Duration = Duration::from_millis(250);
+/// With nothing received for this long, the balancer pings the agent...
+const PING_AFTER: Duration = Duration::from_secs(15);
+/// ...and with nothing received for this long, it gives up on the connection as half-dead.
+const DEAD_AFTER: Duration = Duration::from_secs(45);
+/// A shard that has not acknowledged a set after this long is reported (it should take < 1 ms).
+const ACK_WARN_AFTER: Duration = Duration::from_secs(1);
+
+/// Why a connection to the agent ended.
+#[derive(Debug)]
+pub enum AgentError {
+    Connect(io::Error),
+    Handshake(String),
+    Closed,
+    Silent(Duration),
+    Protocol(tungstenite::Error),
+    ShuttingDown,
+}
+
+impl std::fmt::Display for AgentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentError::Connect(e) => write!(f, "cannot connect: {e}"),
+            AgentError::Handshake(e) => write!(f, "websocket handshake failed: {e}"),
+            AgentError::Closed => write!(f, "connection closed by the agent"),
+            AgentError::Silent(d) => write!(f, "nothing received for {}s", d.as_secs()),
+            AgentError::Protocol(e) => write!(f, "{e}"),
+            AgentError::ShuttingDown => write!(f, "shutting down"),
+        }
+    }
+}
+
+/// What the agent thread needs: where to connect, whom to tell, and what to publish.
+pub struct AgentLink {
+    pub endpoint: AgentEndpoint,
+    pub backoff_max: Duration,
+    pub target_port: u16,
+    pub shards: Vec<ShardHandle>,
+    pub acks: Receiver<(usize, u64)>,
+    pub status: Arc<Status>,
+}
+
+/// Starts the agent thread. It runs until the process shuts down.
+pub fn spawn(link: AgentLink) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("agent".into())
+        .spawn(move || link.run())
+}
+
+impl AgentLink {
+    fn run(mut self) {
+        let url = self.endpoint.url();
+        let mut backoff = Backoff::new(INITIAL_BACKOFF, self.backoff_max);
+        let mut rng = fastrand::Rng::new();
+        loop {
+            let mut delivered = false;
+            let reason = match self.connect(&url) {
+                Ok(mut ws) => {
+                    info!("connected to deployment agent {url}");
+                    self.status.global.agent_connected.set(1);
+                    let reason = self.session(&mut ws, &mut delivered);
+                    self.status.global.agent_connected.set(0);
+                    let _ = ws.close(None);
+                    let _ = ws.flush();
+                    reason
+                }
+                Err(e) => e,
+            };
+            if matches!(reason, AgentError::ShuttingDown) || self.status.shutting_down.load(Relaxed) {
+                return;
+            }
+            if delivered {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay(&mut rng);
+            info!(
+                "deployment agent {url} disconnected ({reason}); next retry in {}ms",
+                delay.as_millis()
+            );
+            if !self.sleep(delay) {
+                return;
+            }
+            self.status.global.agent_reconnects.inc();
+        }
+    }
+
+    /// Sleeps in short slices so shutdown is noticed; false when shutting down.
+    fn sleep(&self, total: Duration) -> bool {
+        let end = Instant::now() + total;
+        loop {
+            if self.status.shutting_down.load(Relaxed) {
+                return false;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(TICK));
+        }
+    }
+
+    fn connect(&self, url: &str) -> Result<WebSocket<TcpStream>, AgentError> {
+        let addr = (self.endpoint.host.as_str(), self.endpoint.port)
+            .to_socket_addrs()
+            .map_err(AgentError::Connect)?
+            .next()
+            .ok_or_else(|| AgentError::Connect(io::Error::other("host has no address")))?;
+        let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(AgentError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        stream
+            .set_read_timeout(Some(CONNECT_TIMEOUT))
+            .map_err(AgentError::Connect)?;
+        stream
+            .set_write_timeout(Some(CONNECT_TIMEOUT))
+            .map_err(AgentError::Connect)?;
+        let (ws, _) = tungstenite::client::client(url, stream).map_err(|e| AgentError::Handshake(e.to_string()))?;
+        ws.get_ref()
+            .set_read_timeout(Some(TICK))
+            .map_err(AgentError::Connect)?;
+        Ok(ws)
+    }
+
+    /// Reads messages until the connection ends; `delivered` tells whether a valid snapshot came.
+    fn session(&mut self, ws: &mut WebSocket<TcpStream>, delivered: &mut bool) -> AgentError {
+        let mut last_heard = Instant::now();
+        let mut pinged = false;
+        loop {
+            if self.status.shutting_down.load(Relaxed) {
+                return AgentError::ShuttingDown;
+            }
+            match ws.read() {
+                Ok(message) => {
+                    last_heard = Instant::now();
+                    pinged = false;
+                    let reply = match message {
+                        Message::Text(text) => Some(self.on_snapshot(text.as_str(), delivered)),
+                        Message::Binary(_) => Some(self.reject(&Rejection::BinaryFrame.to_string())),
+                        Message::Close(_) => return AgentError::Closed,
+                        // Pings are answered by tungstenite itself (flushed below).
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
+                    };
+                    if let Some(reply) = reply {
+                        if let Err(e) = ws.send(Message::text(reply)) {
+                            return AgentError::Protocol(e);
+                        }
+                    }
+                    if let Err(e) = ws.flush() {
+                        return AgentError::Protocol(e);
+                    }
+                }
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                {
+                    let silent = last_heard.elapsed();
+                    if silent >= DEAD_AFTER {
+                        return AgentError::Silent(silent);
+                    }
+                    if silent >= PING_AFTER && !pinged {
+                        pinged = true;
+                        if let Err(e) = ws.send(Message::Ping(Default::default())) {
+                            return AgentError::Protocol(e);
+                        }
+                    }
+                }
+                Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => {
+                    return AgentError::Closed
+                }
+                Err(e) => return AgentError::Protocol(e),
+            }
+        }
+    }
+
+    fn reject(&self, reason: &str) -> String {
+        warn!("rejected server set from deployment agent: {reason}");
+        serde_json::json!({ "rejected": reason }).to_string()
+    }
+
+    /// Validates, resolves and applies one snapshot; returns the reply for the agent.
+    fn on_snapshot(&mut self, text: &str, delivered: &mut bool) -> String {
+        let arrived = Instant::now();
+        let set = match parse_snapshot(text, self.target_port) {
+            Ok(set) => set,
+            Err(rejection) => return self.reject(&rejection.to_string()),
+        };
+        let backends = match resolve(&set) {
+            Ok(b) => b,
+            Err(reason) => return self.reject(&reason),
+        };
+        let version = self.status.global.server_set_version.get() + 1;
+        let servers = backends.len();
+        self.apply(Arc::new(Update { version, backends }), set);
+        *delivered = true;
+        info!(
+            "applied server set version={version} servers={servers} propagation={}us",
+            arrived.elapsed().as_micros()
+        );
+        serde_json::json!({ "applied": version, "servers": servers }).to_string()
+    }
+
+    /// Broadcasts a set and returns once every shard routes by it.
+    fn apply(&mut self, update: Arc<Update>, set: ServerSet) {
+        let version = update.version;
+        for shard in &self.shards {
+            shard.send(ShardCommand::Apply(update.clone()));
+        }
+        let started = Instant::now();
+        let mut pending: Vec<bool> = vec![true; self.shards.len()];
+        let mut warned = false;
+        while pending.iter().any(|p| *p) {
+            match self.acks.recv_timeout(TICK) {
+                Ok((shard, v)) if v >= version => {
+                    if let Some(p) = pending.get_mut(shard) {
+                        *p = false;
+                    }
+                }
+                Ok(_) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if !warned && started.elapsed() >= ACK_WARN_AFTER {
+                        warned = true;
+                        warn!("server set version={version} still not applied by every shard");
+                    }
+                    if self.status.shutting_down.load(Relaxed) {
+                        break;
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.status.publish_set(version, set);
+    }
+}

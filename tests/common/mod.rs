@@ -1,0 +1,747 @@
+//! Shared black-box test harness: the real binary, real backends, a real WebSocket agent.
+//!
+//! Everything binds 127.0.0.1 on free ports, every wait has a deadline, and every process or
+//! thread started here is stopped on `Drop`.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Upper bound for any single wait in a test.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A running balancer process with its log captured.
+pub struct Balancer {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Balancer {
+    /// Starts the binary with `HOST_PORT_HTTP_BALANCER=0`, `ADMIN_PORT=0` and one CPU unless
+    /// `env` says otherwise, and waits for `listening on ADDR`.
+    pub fn start(env: &[(&str, &str)]) -> Balancer {
+        Self::try_start(env).unwrap_or_else(|log| panic!("balancer did not start; log:\n{log}"))
+    }
+
+    pub fn try_start(env: &[(&str, &str)]) -> Result<Balancer, String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_balancer"));
+        cmd.env_clear()
+            .env("HOST_PORT_HTTP_BALANCER", "0")
+            .env("ADMIN_PORT", "0")
+            .env("BALANCER_BIND", "127.0.0.1")
+            .env("BALANCER_CPUS", "0")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line.clone());
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        let mut addr = None;
+        let mut admin = None;
+        let wants_admin = !env.iter().any(|(k, v)| *k == "ADMIN_PORT" && *v == "off");
+        while addr.is_none() || (wants_admin && admin.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(a) = after(&line, "listening on ") {
+                        addr = a.parse().ok();
+                    }
+                    if let Some(a) = after(&line, "admin on ") {
+                        admin = a.parse().ok();
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(log.lock().unwrap().join("\n"));
+                }
+            }
+        }
+        Ok(Balancer {
+            child,
+            addr: addr.expect("checked above"),
+            admin,
+            log,
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `needle`; returns that line.
+    pub fn wait_log(&self, needle: &str) -> String {
+        self.wait_log_count(needle, 1)
+    }
+
+    /// Waits until `count` log lines contain `needle`; returns the last of them.
+    pub fn wait_log_count(&self, needle: &str, count: usize) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            {
+                let log = self.log.lock().unwrap();
+                let hits: Vec<&String> = log.iter().filter(|l| l.contains(needle)).collect();
+                if hits.len() >= count {
+                    return hits[count - 1].clone();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {count} log lines with {needle:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal and waits (bounded) for the exit status.
+    pub fn signal_and_wait(&mut self, signal: &str, limit: Duration) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status();
+        self.wait_exit(limit)
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET on the admin listener; (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let admin = self.admin.expect("admin listener is on");
+        let resp = request(admin, &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"));
+        (resp.status, String::from_utf8_lossy(&resp.body).into_owned())
+    }
+
+    /// The value of one metric sample (exact name with labels), if present.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let (_, text) = self.admin_get("/metrics");
+        text.lines()
+            .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    let i = line.find(marker)?;
+    Some(line[i + marker.len()..].split_whitespace().next()?.trim_end_matches(','))
+}
+
+/// Runs the binary to completion (for configuration errors); (exit code, stdout, stderr).
+pub fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_balancer"));
+    cmd.env_clear().args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP client helpers
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Opens a client connection with bounded read and write timeouts.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, WAIT).expect("connect to balancer");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// Sends raw request bytes on a new connection and reads one response.
+pub fn request(addr: SocketAddr, raw: &str) -> Response {
+    let mut s = connect(addr);
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut reader = BufReader::new(s);
+    read_response(&mut reader, raw.starts_with("HEAD ")).expect("a response")
+}
+
+/// `GET path` with a Host header on a new connection.
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    request(addr, &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"))
+}
+
+/// Reads one response (Content-Length, chunked or close-delimited). None on EOF before a head.
+pub fn read_response<R: BufRead>(r: &mut R, head_request: bool) -> Option<Response> {
+    loop {
+        let (status, headers) = read_head(r)?;
+        if (100..200).contains(&status) && status != 101 {
+            continue;
+        }
+        let mut body = Vec::new();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _): &&(String, String)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        if head_request || status == 204 || status == 304 || status == 101 {
+        } else if header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+            body = read_chunked(r)?;
+        } else if let Some(len) = header("content-length") {
+            let len: usize = len.trim().parse().ok()?;
+            body.resize(len, 0);
+            r.read_exact(&mut body).ok()?;
+        } else {
+            r.read_to_end(&mut body).ok()?;
+        }
+        return Some(Response { status, headers, body });
+    }
+}
+
+/// Reads a status line and headers.
+pub fn read_head<R: BufRead>(r: &mut R) -> Option<(u16, Vec<(String, String)>)> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).ok()?;
+        let l = line.trim_end_matches(['\r', '\n']);
+        if l.is_empty() {
+            break;
+        }
+        let (n, v) = l.split_once(':')?;
+        headers.push((n.trim().to_string(), v.trim().to_string()));
+    }
+    Some((status, headers))
+}
+
+fn read_chunked<R: BufRead>(r: &mut R) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).ok()?;
+        let size = usize::from_str_radix(line.trim().split(';').next()?, 16).ok()?;
+        if size == 0 {
+            loop {
+                line.clear();
+                r.read_line(&mut line).ok()?;
+                if line.trim().is_empty() {
+                    return Some(body);
+                }
+            }
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        r.read_exact(&mut body[start..]).ok()?;
+        line.clear();
+        r.read_line(&mut line).ok()?;
+    }
+}
+
+/// FNV-1a, enough to compare large bodies without keeping two copies.
+pub fn hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// A deterministic pseudo-random byte pattern of `len` bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..len).map(|_| rng.u8(..)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test backends
+
+/// What a backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: usize,
+    pub body_hash: u64,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// How a backend answers one request. Return raw bytes to write; `None` closes at once.
+pub type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
+
+pub enum Reply {
+    /// Write these bytes, then keep the connection open for more requests.
+    Bytes(Vec<u8>),
+    /// Write these bytes, then close.
+    BytesThenClose(Vec<u8>),
+    /// Close without answering.
+    Close,
+    /// Wait, then answer.
+    Delay(Duration, Box<Reply>),
+    /// Write the head, then stream `len` bytes of pattern(seed) in 64 KiB writes.
+    Stream { head: Vec<u8>, len: usize, seed: u64, chunked: bool },
+}
+
+/// A small HTTP/1.1 backend on 127.0.0.1 that records what it sees.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub accepts: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// `200 OK` with the backend's name as the body, keep-alive.
+pub fn named(name: &'static str) -> Handler {
+    Arc::new(move |_seen| Reply::Bytes(ok(name.as_bytes())))
+}
+
+/// A 200 response with a Content-Length body.
+pub fn ok(body: &[u8]) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n", body.len()).into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+impl Backend {
+    pub fn start(handler: Handler) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        Self::with_listener(listener, handler)
+    }
+
+    pub fn named(name: &'static str) -> Backend {
+        Self::start(named(name))
+    }
+
+    pub fn with_listener(listener: TcpListener, handler: Handler) -> Backend {
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, r, s, st) = (accepts.clone(), requests.clone(), seen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        a.fetch_add(1, SeqCst);
+                        let (h, r, s, st) = (handler.clone(), r.clone(), s.clone(), st.clone());
+                        std::thread::spawn(move || serve_backend_conn(conn, h, r, s, st));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Backend {
+            addr,
+            accepts,
+            requests,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(SeqCst)
+    }
+
+    pub fn accepts(&self) -> usize {
+        self.accepts.load(SeqCst)
+    }
+
+    pub fn last_seen(&self) -> Option<Seen> {
+        self.seen.lock().unwrap().last().cloned()
+    }
+
+    /// Stops accepting and closes the listener (open connections end as their threads see it).
+    pub fn stop(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn serve_backend_conn(conn: TcpStream, handler: Handler, requests: Arc<AtomicUsize>, seen: Arc<Mutex<Vec<Seen>>>, stop: Arc<AtomicBool>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = conn.set_nodelay(true);
+    let mut writer = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(conn);
+    let idle_deadline = || Instant::now() + Duration::from_secs(30);
+    let mut deadline = idle_deadline();
+    loop {
+        if stop.load(SeqCst) || Instant::now() > deadline {
+            return;
+        }
+        let head = match read_request_head(&mut reader) {
+            Ok(Some(h)) => h,
+            Ok(None) => return,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(_) => return,
+        };
+        deadline = idle_deadline();
+        let (method, target, headers) = head;
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _): &&(String, String)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        let _ = reader.get_ref().set_read_timeout(Some(WAIT));
+        let body = if header("transfer-encoding").is_some() {
+            read_chunked(&mut reader).unwrap_or_default()
+        } else if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            if header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+                let _ = writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+            let mut body = vec![0; len];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            body
+        } else {
+            Vec::new()
+        };
+        let _ = reader.get_ref().set_read_timeout(Some(Duration::from_millis(200)));
+        let seen_now = Seen {
+            method,
+            target,
+            headers,
+            body_len: body.len(),
+            body_hash: hash(&body),
+        };
+        requests.fetch_add(1, SeqCst);
+        seen.lock().unwrap().push(seen_now.clone());
+        let mut reply = handler(&seen_now);
+        loop {
+            match reply {
+                Reply::Delay(d, next) => {
+                    std::thread::sleep(d);
+                    reply = *next;
+                }
+                Reply::Bytes(b) => {
+                    if writer.write_all(&b).is_err() {
+                        return;
+                    }
+                    break;
+                }
+                Reply::BytesThenClose(b) => {
+                    let _ = writer.write_all(&b);
+                    let _ = writer.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                Reply::Close => {
+                    let _ = writer.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                Reply::Stream { head, len, seed, chunked } => {
+                    if writer.write_all(&head).is_err() {
+                        return;
+                    }
+                    let data = pattern(len, seed);
+                    for piece in data.chunks(64 * 1024) {
+                        let ok = if chunked {
+                            writer
+                                .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                                .and_then(|_| writer.write_all(piece))
+                                .and_then(|_| writer.write_all(b"\r\n"))
+                        } else {
+                            writer.write_all(piece)
+                        };
+                        if ok.is_err() {
+                            return;
+                        }
+                    }
+                    if chunked && writer.write_all(b"0\r\n\r\n").is_err() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+type RequestHeadParts = (String, String, Vec<(String, String)>);
+
+fn read_request_head<R: BufRead>(r: &mut R) -> std::io::Result<Option<RequestHeadParts>> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("").to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 {
+            return Ok(None);
+        }
+        let l = h.trim_end_matches(['\r', '\n']);
+        if l.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = l.split_once(':') {
+            headers.push((n.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    Ok(Some((method, target, headers)))
+}
+
+/// Counts how many of `n` GETs each backend body answered with.
+pub fn spread(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    let stream = connect(addr);
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    for _ in 0..n {
+        writer
+            .write_all(b"GET /spread HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        let resp = read_response(&mut reader, false).expect("response");
+        *counts.entry(resp.text()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A JSON server set for `BACKENDS` or an agent message.
+pub fn server_set(servers: &[(SocketAddr, f64)]) -> String {
+    let entries: Vec<String> = servers
+        .iter()
+        .map(|(a, s)| format!("{{\"host\":\"{}\",\"port\":{},\"score\":{}}}", a.ip(), a.port(), s))
+        .collect();
+    format!("{{\"servers\":[{}]}}", entries.join(","))
+}
+
+/// Waits until `check` holds, polling; panics with `what` at the deadline.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A deployment agent: a real tungstenite WebSocket server
+
+/// A WebSocket server the balancer connects to. Each accepted connection is handed to the
+/// test as an `AgentConn`.
+pub struct Agent {
+    pub port: u16,
+    conns: mpsc::Receiver<AgentConn>,
+    stop: Arc<AtomicBool>,
+    pub connects: Arc<AtomicUsize>,
+}
+
+pub struct AgentConn {
+    ws: tungstenite::WebSocket<TcpStream>,
+}
+
+impl Agent {
+    pub fn start() -> Agent {
+        Self::on(TcpListener::bind("127.0.0.1:0").expect("bind agent"))
+    }
+
+    pub fn on(listener: TcpListener) -> Agent {
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let connects = Arc::new(AtomicUsize::new(0));
+        let (st, c) = (stop.clone(), connects.clone());
+        std::thread::spawn(move || {
+            while !st.load(SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(WAIT));
+                        if let Ok(ws) = tungstenite::accept(s) {
+                            c.fetch_add(1, SeqCst);
+                            if tx.send(AgentConn { ws }).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Agent { port, conns: rx, stop, connects }
+    }
+
+    /// Waits for the balancer to connect.
+    pub fn accept(&self) -> AgentConn {
+        self.conns.recv_timeout(WAIT).expect("the balancer connects to the agent")
+    }
+
+    pub fn port_str(&self) -> String {
+        self.port.to_string()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+    }
+}
+
+impl AgentConn {
+    pub fn send_text(&mut self, text: &str) {
+        self.ws.send(tungstenite::Message::text(text)).expect("send to balancer");
+    }
+
+    pub fn send_binary(&mut self, bytes: &[u8]) {
+        self.ws
+            .send(tungstenite::Message::binary(bytes.to_vec()))
+            .expect("send to balancer");
+    }
+
+    /// Next text message from the balancer, parsed as JSON (pongs and pings skipped).
+    pub fn recv_json(&mut self) -> serde_json::Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(Instant::now() < deadline, "no reply from the balancer");
+            match self.ws.read() {
+                Ok(tungstenite::Message::Text(t)) => {
+                    return serde_json::from_str(t.as_str()).expect("reply is JSON")
+                }
+                Ok(_) => continue,
+                Err(e) => panic!("agent connection failed: {e}"),
+            }
+        }
+    }
+
+    /// Sends a snapshot and returns the balancer's reply.
+    pub fn push(&mut self, text: &str) -> serde_json::Value {
+        self.send_text(text);
+        self.recv_json()
+    }
+
+    /// Sends a ping and waits for the matching pong.
+    pub fn ping(&mut self, payload: &[u8]) -> bool {
+        self.ws
+            .send(tungstenite::Message::Ping(payload.to_vec().into()))
+            .expect("ping");
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            match self.ws.read() {
+                Ok(tungstenite::Message::Pong(p)) => return p.as_ref() == payload,
+                Ok(_) => continue,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    pub fn close(mut self) {
+        let _ = self.ws.close(None);
+        let _ = self.ws.flush();
+    }
+}
