@@ -73,22 +73,27 @@ pub fn bind(port: u16) -> io::Result<TcpListener> {
 }
 
 /// Serves admin requests until the process exits.
-pub fn spawn(listener: TcpListener, status: Arc<Status>) -> io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("admin".into()).spawn(move || {
-        for stream in listener.incoming() {
-            match stream {
-                Ok(stream) => {
-                    if let Err(e) = handle(stream, &status) {
-                        debug!("admin request failed: {e}");
+pub fn spawn(
+    listener: TcpListener,
+    status: Arc<Status>,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        if let Err(e) = handle(stream, &status) {
+                            debug!("admin request failed: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        debug!("admin accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
                     }
                 }
-                Err(e) => {
-                    debug!("admin accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
             }
-        }
-    })
+        })
 }
 
 fn handle(mut stream: TcpStream, status: &Status) -> io::Result<()> {

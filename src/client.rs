@@ -30,6 +30,9 @@ pub struct UpstreamError {
     pub reused: bool,
     /// Some of the request reached the backend (so a non-idempotent request must not be retried).
     pub request_sent: bool,
+    /// Part of a response head had arrived: the backend did answer, so this was no stale
+    /// pooled connection.
+    pub response_started: bool,
     pub detail: String,
 }
 
@@ -40,11 +43,17 @@ impl fmt::Display for UpstreamError {
 }
 
 impl UpstreamError {
-    pub fn new(kind: ErrorKind, reused: bool, request_sent: bool, detail: impl fmt::Display) -> Self {
+    pub fn new(
+        kind: ErrorKind,
+        reused: bool,
+        request_sent: bool,
+        detail: impl fmt::Display,
+    ) -> Self {
         UpstreamError {
             kind,
             reused,
             request_sent,
+            response_started: false,
             detail: detail.to_string(),
         }
     }
@@ -127,7 +136,10 @@ impl Pool {
         }
         let list = self.idle.entry(upstream.addr).or_default();
         if list.len() < POOL_MAX_IDLE_PER_SERVER {
-            list.push(Idle { upstream, since: now });
+            list.push(Idle {
+                upstream,
+                since: now,
+            });
         }
     }
 

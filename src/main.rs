@@ -42,12 +42,19 @@ fn main() -> ExitCode {
         .parse_filters(&config.log_filter)
         .format_timestamp_millis()
         .init();
-    info!("starting balancer {}: {}", env!("CARGO_PKG_VERSION"), config.summary());
+    info!(
+        "starting balancer {}: {}",
+        env!("CARGO_PKG_VERSION"),
+        config.summary()
+    );
 
     // BACKENDS names hosts; resolving them is part of validating the variable (exit 2).
     let initial = match &config.backends {
         Some(set) => match resolve(set) {
-            Ok(backends) => Update { version: 1, backends },
+            Ok(backends) => Update {
+                version: 1,
+                backends,
+            },
             Err(reason) => {
                 return config_error(&ConfigError::Invalid {
                     var: "BACKENDS",
@@ -90,15 +97,24 @@ fn run(config: Config, initial: Update) -> Result<(), String> {
     let mut addr = SocketAddr::new(config.bind, config.http_port);
     let mut shards: Vec<RunningShard> = Vec::with_capacity(config.cpus.len());
     for (id, &cpu) in config.cpus.iter().enumerate() {
-        let running = shard::start(id, cpu, addr, config.clone(), initial.clone(), ack_tx.clone())
-            .map_err(|e| e.to_string())
-            .inspect_err(|_| stop(&shards))?;
+        let running = shard::start(
+            id,
+            cpu,
+            addr,
+            config.clone(),
+            initial.clone(),
+            ack_tx.clone(),
+        )
+        .map_err(|e| e.to_string())
+        .inspect_err(|_| stop(&shards))?;
         addr = running.local_addr;
         shards.push(running);
     }
     info!("listening on {addr}");
 
-    let status = Arc::new(Status::new(shards.iter().map(|s| s.metrics.clone()).collect()));
+    let status = Arc::new(Status::new(
+        shards.iter().map(|s| s.metrics.clone()).collect(),
+    ));
     status.publish_set(
         initial.version,
         config.backends.clone().unwrap_or_else(ServerSet::default),
@@ -134,7 +150,10 @@ fn run(config: Config, initial: Update) -> Result<(), String> {
     }
 
     wait_for_signal(&shards)?;
-    info!("shutting down: no new connections, draining in-flight requests (up to {}s)", shard::DRAIN_TIMEOUT.as_secs());
+    info!(
+        "shutting down: no new connections, draining in-flight requests (up to {}s)",
+        shard::DRAIN_TIMEOUT.as_secs()
+    );
     status.shutting_down.store(true, Relaxed);
     stop(&shards);
     for running in shards {
@@ -159,7 +178,14 @@ fn wait_for_signal(shards: &[RunningShard]) -> Result<(), String> {
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     loop {
         if let Some(signal) = signals.pending().next() {
-            info!("received {}", if signal == SIGTERM { "SIGTERM" } else { "SIGINT" });
+            info!(
+                "received {}",
+                if signal == SIGTERM {
+                    "SIGTERM"
+                } else {
+                    "SIGINT"
+                }
+            );
             return Ok(());
         }
         if let Some(i) = shards.iter().position(|s| s.thread.is_finished()) {
@@ -172,6 +198,8 @@ fn wait_for_signal(shards: &[RunningShard]) -> Result<(), String> {
 /// The soft RLIMIT_MEMLOCK in bytes, from /proc (None if unknown or unlimited).
 fn memlock_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max locked memory"))?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))?;
     line.split_whitespace().nth(3)?.parse().ok()
 }

@@ -216,7 +216,12 @@ pub fn render(shards: &[Arc<ShardMetrics>], global: &GlobalMetrics) -> String {
     let mut out = String::with_capacity(4096);
     let sum = |f: &dyn Fn(&ShardMetrics) -> u64| shards.iter().map(|s| f(s)).sum::<u64>();
 
-    family(&mut out, "balancer_requests_total", "counter", "Requests answered, by status code.");
+    family(
+        &mut out,
+        "balancer_requests_total",
+        "counter",
+        "Requests answered, by status code.",
+    );
     for code in 100..600 {
         let n = sum(&|s| s.requests_by_code[code].get());
         if n > 0 {
@@ -239,13 +244,25 @@ pub fn render(shards: &[Arc<ShardMetrics>], global: &GlobalMetrics) -> String {
         );
     }
     let count = sum(&|s| s.duration_count.get());
-    let _ = writeln!(out, "balancer_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(
+        out,
+        "balancer_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
     let micros = sum(&|s| s.duration_sum_micros.get());
-    let _ = writeln!(out, "balancer_request_duration_seconds_sum {}", micros as f64 / 1e6);
+    let _ = writeln!(
+        out,
+        "balancer_request_duration_seconds_sum {}",
+        micros as f64 / 1e6
+    );
     let _ = writeln!(out, "balancer_request_duration_seconds_count {count}");
 
     let backends = merge_backends(shards);
-    family(&mut out, "balancer_backend_requests_total", "counter", "Requests sent to each backend.");
+    family(
+        &mut out,
+        "balancer_backend_requests_total",
+        "counter",
+        "Requests sent to each backend.",
+    );
     for b in &backends {
         let _ = writeln!(
             out,
@@ -254,7 +271,12 @@ pub fn render(shards: &[Arc<ShardMetrics>], global: &GlobalMetrics) -> String {
             b.requests
         );
     }
-    family(&mut out, "balancer_backend_errors_total", "counter", "Backend failures, by kind.");
+    family(
+        &mut out,
+        "balancer_backend_errors_total",
+        "counter",
+        "Backend failures, by kind.",
+    );
     for b in &backends {
         for kind in ErrorKind::ALL {
             let _ = writeln!(
@@ -280,13 +302,48 @@ pub fn render(shards: &[Arc<ShardMetrics>], global: &GlobalMetrics) -> String {
             "Requests sent on a pooled backend connection.",
             sum(&|s| s.upstream_reused.get()),
         ),
-        ("balancer_cache_hits_total", "counter", "Requests answered from the cache.", sum(&|s| s.cache_hits.get())),
-        ("balancer_cache_misses_total", "counter", "Cacheable requests not in the cache.", sum(&|s| s.cache_misses.get())),
-        ("balancer_cache_evictions_total", "counter", "Entries evicted to make room.", sum(&|s| s.cache_evictions.get())),
-        ("balancer_cache_entries", "gauge", "Entries in the cache.", sum(&|s| s.cache_entries.get())),
-        ("balancer_agent_connected", "gauge", "1 while the deployment agent is connected.", global.agent_connected.get()),
-        ("balancer_agent_reconnects_total", "counter", "Reconnect attempts to the deployment agent.", global.agent_reconnects.get()),
-        ("balancer_server_set_version", "gauge", "Version of the server set in use.", global.server_set_version.get()),
+        (
+            "balancer_cache_hits_total",
+            "counter",
+            "Requests answered from the cache.",
+            sum(&|s| s.cache_hits.get()),
+        ),
+        (
+            "balancer_cache_misses_total",
+            "counter",
+            "Cacheable requests not in the cache.",
+            sum(&|s| s.cache_misses.get()),
+        ),
+        (
+            "balancer_cache_evictions_total",
+            "counter",
+            "Entries evicted to make room.",
+            sum(&|s| s.cache_evictions.get()),
+        ),
+        (
+            "balancer_cache_entries",
+            "gauge",
+            "Entries in the cache.",
+            sum(&|s| s.cache_entries.get()),
+        ),
+        (
+            "balancer_agent_connected",
+            "gauge",
+            "1 while the deployment agent is connected.",
+            global.agent_connected.get(),
+        ),
+        (
+            "balancer_agent_reconnects_total",
+            "counter",
+            "Reconnect attempts to the deployment agent.",
+            global.agent_reconnects.get(),
+        ),
+        (
+            "balancer_server_set_version",
+            "gauge",
+            "Version of the server set in use.",
+            global.server_set_version.get(),
+        ),
         (
             "balancer_ejected_servers",
             "gauge",
@@ -308,8 +365,16 @@ pub fn render(shards: &[Arc<ShardMetrics>], global: &GlobalMetrics) -> String {
         "Share of traffic each backend's score asks for.",
     );
     for b in &backends {
-        let share = if total_score > 0.0 { b.score / total_score } else { 0.0 };
-        let _ = writeln!(out, "balancer_backend_score_share{{backend=\"{}\"}} {share}", escape(&b.label));
+        let share = if total_score > 0.0 {
+            b.score / total_score
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            out,
+            "balancer_backend_score_share{{backend=\"{}\"}} {share}",
+            escape(&b.label)
+        );
     }
     family(
         &mut out,
@@ -323,7 +388,11 @@ pub fn render(shards: &[Arc<ShardMetrics>], global: &GlobalMetrics) -> String {
         } else {
             0.0
         };
-        let _ = writeln!(out, "balancer_backend_traffic_share{{backend=\"{}\"}} {share}", escape(&b.label));
+        let _ = writeln!(
+            out,
+            "balancer_backend_traffic_share{{backend=\"{}\"}} {share}",
+            escape(&b.label)
+        );
     }
     out
 }
@@ -335,7 +404,10 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 
 /// Label values escape backslash, double quote and newline (exposition format rules).
 fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -360,7 +432,8 @@ mod tests {
     #[test]
     fn backends_merge_by_label_and_count_ejected_shards() {
         let label: Arc<str> = Arc::from("10.0.0.1:80");
-        let shards: Vec<Arc<ShardMetrics>> = (0..2).map(|_| Arc::new(ShardMetrics::default())).collect();
+        let shards: Vec<Arc<ShardMetrics>> =
+            (0..2).map(|_| Arc::new(ShardMetrics::default())).collect();
         for (i, s) in shards.iter().enumerate() {
             let stats = Arc::new(BackendStats::new(label.clone(), 3.0));
             stats.requests.add(5);
@@ -375,7 +448,9 @@ mod tests {
         assert_eq!(merged[0].ejected_shards, 1);
         let text = render(&shards, &GlobalMetrics::default());
         assert!(text.contains("balancer_ejected_servers 1\n"));
-        assert!(text.contains("balancer_backend_errors_total{backend=\"10.0.0.1:80\",kind=\"timeout\"} 2\n"));
+        assert!(text.contains(
+            "balancer_backend_errors_total{backend=\"10.0.0.1:80\",kind=\"timeout\"} 2\n"
+        ));
         assert!(text.contains("balancer_backend_score_share{backend=\"10.0.0.1:80\"} 1\n"));
     }
 

@@ -108,7 +108,8 @@ async fn read_head(shard: &Shard, client: &mut Conn, head: &mut RequestHead) -> 
                 Ok(false) => {}
                 Err(e) => return HeadRead::Failed(e),
             }
-            let deadline = *deadline.get_or_insert_with(|| Instant::now() + config.client_header_timeout);
+            let deadline =
+                *deadline.get_or_insert_with(|| Instant::now() + config.client_header_timeout);
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return HeadRead::Failed(RequestTimeout.into());
@@ -136,7 +137,9 @@ async fn read_head(shard: &Shard, client: &mut Conn, head: &mut RequestHead) -> 
             )
             .await;
             match read {
-                Some(Ok(n)) if n > 0 => deadline = Some(Instant::now() + config.client_header_timeout),
+                Some(Ok(n)) if n > 0 => {
+                    deadline = Some(Instant::now() + config.client_header_timeout)
+                }
                 _ => return HeadRead::Closed,
             }
         }
@@ -144,7 +147,13 @@ async fn read_head(shard: &Shard, client: &mut Conn, head: &mut RequestHead) -> 
 }
 
 /// Sends a response the balancer makes itself and counts it.
-pub async fn respond_error(shard: &Shard, client: &mut Conn, status: u16, keep_alive: bool, started: Instant) {
+pub async fn respond_error(
+    shard: &Shard,
+    client: &mut Conn,
+    status: u16,
+    keep_alive: bool,
+    started: Instant,
+) {
     let mut out = Vec::with_capacity(256);
     write_error_response(status, keep_alive, &mut out);
     let _ = client.write_all(&out).await;
@@ -187,7 +196,13 @@ enum BodyPlan {
     Streamed(RequestFraming),
 }
 
-async fn handle_request(shard: &Rc<Shard>, client: &mut Conn, head: &RequestHead, client_ip: IpAddr, started: Instant) -> Next {
+async fn handle_request(
+    shard: &Rc<Shard>,
+    client: &mut Conn,
+    head: &RequestHead,
+    client_ip: IpAddr,
+    started: Instant,
+) -> Next {
     let buf = client.pending();
     let cacheable = shard.cache.borrow().capacity() > 0
         && head.framing == RequestFraming::None
@@ -208,8 +223,14 @@ async fn handle_request(shard: &Rc<Shard>, client: &mut Conn, head: &RequestHead
                 let out = render_hit(&entry, head, keep_alive);
                 client.consume(head.head_len);
                 let ok = client.write_all(&out).await.is_ok();
-                shard.metrics.record_request(entry.status, started.elapsed());
-                return if ok && keep_alive { Next::KeepAlive } else { Next::Close };
+                shard
+                    .metrics
+                    .record_request(entry.status, started.elapsed());
+                return if ok && keep_alive {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                };
             }
             Lookup::Miss => {
                 shard.metrics.cache_misses.inc();
@@ -287,7 +308,9 @@ async fn handle_request(shard: &Rc<Shard>, client: &mut Conn, head: &RequestHead
                 }
                 debug!(
                     "{client_ip} {} -> {} {} in {:?}",
-                    String::from_utf8_lossy(&request[..request.iter().position(|&c| c == b'\r').unwrap_or(0)]),
+                    String::from_utf8_lossy(
+                        &request[..request.iter().position(|&c| c == b'\r').unwrap_or(0)]
+                    ),
                     relayed.status,
                     pick.backend.label,
                     started.elapsed()
@@ -295,6 +318,10 @@ async fn handle_request(shard: &Rc<Shard>, client: &mut Conn, head: &RequestHead
                 return relayed.next;
             }
             Err(Failure::Client) => return Next::Close,
+            Err(Failure::ClientStatus(status)) => {
+                respond_error(shard, client, status, false, started).await;
+                return Next::Linger;
+            }
             Err(Failure::Upstream(error)) => {
                 debug!("backend {} failed: {error}", pick.backend.label);
                 if let Some(s) = &stats {
@@ -311,7 +338,11 @@ async fn handle_request(shard: &Rc<Shard>, client: &mut Conn, head: &RequestHead
                         ErrorKind::Timeout | ErrorKind::BadResponse => false,
                     };
                 if !retry {
-                    let status = if error.kind == ErrorKind::Timeout { 504 } else { 502 };
+                    let status = if error.kind == ErrorKind::Timeout {
+                        504
+                    } else {
+                        502
+                    };
                     respond_error(shard, client, status, false, started).await;
                     return Next::Linger;
                 }
@@ -332,7 +363,12 @@ fn record(shard: &Shard, pick: &Pick, outcome: Outcome) {
 }
 
 /// Reads until `len` body bytes follow the head in the client buffer.
-async fn read_body_whole(shard: &Shard, client: &mut Conn, head_len: usize, len: usize) -> io::Result<()> {
+async fn read_body_whole(
+    shard: &Shard,
+    client: &mut Conn,
+    head_len: usize,
+    len: usize,
+) -> io::Result<()> {
     client.set_read_timeout(Some(shard.config.client_idle_timeout));
     while client.pending().len() < head_len + len {
         if client.fill(head_len + len + CLIENT_BUFFER).await? == 0 {
@@ -346,8 +382,10 @@ async fn read_body_whole(shard: &Shard, client: &mut Conn, head_len: usize, len:
 pub enum Failure {
     /// The backend failed before the client received anything: may be retried.
     Upstream(UpstreamError),
-    /// The client went away or broke the body framing: close.
+    /// The client went away: close.
     Client,
+    /// The client broke the request body's framing: answer with this status and close.
+    ClientStatus(u16),
 }
 
 /// One attempt to serve a request through one server.
@@ -367,11 +405,15 @@ impl Exchange<'_> {
         let replayable = self.plan == BodyPlan::Buffered;
         let mut upstream = self.checkout(addr, replayable).await?;
         let request_timeout = shard.config.request_timeout;
-        let outcome = self.send_and_relay(client, &mut upstream, request_timeout).await;
+        let outcome = self
+            .send_and_relay(client, &mut upstream, request_timeout)
+            .await;
         match outcome {
             // A pooled connection the backend had already closed: the request never reached
             // it, so send it again on a fresh connection. Not a failure of the server.
-            Err(Failure::Upstream(e)) if e.reused && replayable && e.kind == ErrorKind::Reset && !e.response_started() => {
+            Err(Failure::Upstream(e))
+                if e.reused && replayable && e.kind == ErrorKind::Reset && !e.response_started =>
+            {
                 debug!("stale pooled connection to {addr}; retrying on a fresh one");
                 let mut fresh = self.connect(addr).await?;
                 self.send_and_relay(client, &mut fresh, request_timeout)
@@ -412,10 +454,19 @@ impl Exchange<'_> {
         Ok(upstream)
     }
 
-    async fn send_and_relay(&self, client: &mut Conn, upstream: &mut Upstream, timeout: Duration) -> Result<Relayed, Failure> {
+    async fn send_and_relay(
+        &self,
+        client: &mut Conn,
+        upstream: &mut Upstream,
+        timeout: Duration,
+    ) -> Result<Relayed, Failure> {
         let reused = upstream.reused;
         let sent_err = |e: io::Error| Failure::Upstream(UpstreamError::from_io(&e, reused, true));
-        upstream.conn.write_all(self.request).await.map_err(sent_err)?;
+        upstream
+            .conn
+            .write_all(self.request)
+            .await
+            .map_err(sent_err)?;
         let mut body_sent = self.plan == BodyPlan::Buffered;
         if let BodyPlan::Streamed(framing) = self.plan {
             if self.head.expect_continue {
@@ -434,9 +485,18 @@ impl Exchange<'_> {
 /// A cached response rendered for the client: stored headers plus Age and X-Cache.
 fn render_hit(entry: &CachedResponse, head: &RequestHead, keep_alive: bool) -> Vec<u8> {
     use std::io::Write as _;
-    let body = if head.is_head { &[][..] } else { &entry.body[..] };
+    let body = if head.is_head {
+        &[][..]
+    } else {
+        &entry.body[..]
+    };
     let mut out = Vec::with_capacity(256 + body.len());
-    let _ = write!(out, "HTTP/1.1 {} {}\r\n", entry.status, crate::http::reason_phrase(entry.status));
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        entry.status,
+        crate::http::reason_phrase(entry.status)
+    );
     for (name, value) in &entry.headers {
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
@@ -460,9 +520,18 @@ fn render_hit(entry: &CachedResponse, head: &RequestHead, keep_alive: bool) -> V
 }
 
 /// Stores a completed response if the cache rules allow it.
-pub fn store(shard: &Shard, candidate: &CacheCandidate, status: u16, headers: Vec<(Box<[u8]>, Box<[u8]>)>, vary_accept_encoding: bool, ttl: Duration, body: Vec<u8>) {
+pub fn store(
+    shard: &Shard,
+    candidate: &CacheCandidate,
+    status: u16,
+    headers: Vec<(Box<[u8]>, Box<[u8]>)>,
+    vary_accept_encoding: bool,
+    ttl: Duration,
+    body: Vec<u8>,
+) {
     let now = Instant::now();
-    let response = CachedResponse::new(status, headers, Rc::from(body.into_boxed_slice()), now, ttl);
+    let response =
+        CachedResponse::new(status, headers, Rc::from(body.into_boxed_slice()), now, ttl);
     let mut cache = shard.cache.borrow_mut();
     cache.insert(
         &candidate.host,
@@ -477,7 +546,12 @@ pub fn store(shard: &Shard, candidate: &CacheCandidate, status: u16, headers: Ve
 }
 
 /// Whether a response may be stored (SPEC §7), given its status and headers.
-pub fn cache_decision(shard: &Shard, status: u16, headers: &[(&[u8], &[u8])], body_len: Option<u64>) -> Storability {
+pub fn cache_decision(
+    shard: &Shard,
+    status: u16,
+    headers: &[(&[u8], &[u8])],
+    body_len: Option<u64>,
+) -> Storability {
     storability(
         status,
         headers,

@@ -7,8 +7,8 @@ use crate::body::ChunkedDecoder;
 use crate::cache::Storability;
 use crate::client::{Upstream, UpstreamError};
 use crate::http::{
-    is_hop_by_hop, parse_response, write_chunk_header_to, write_response_head, RequestFraming,
-    ResponseFraming, ResponseHead, ResponseOptions, Version,
+    is_hop_by_hop, parse_response, write_response_head, RequestFraming, ResponseFraming,
+    ResponseHead, ResponseOptions, Version,
 };
 use crate::metrics::ErrorKind;
 use crate::proxy::{cache_decision, store, Exchange, Failure, Next};
@@ -41,14 +41,23 @@ impl Relayed {
     }
 }
 
-fn upstream_failure(kind: ErrorKind, upstream: &Upstream, detail: impl std::fmt::Display) -> Failure {
+fn upstream_failure(
+    kind: ErrorKind,
+    upstream: &Upstream,
+    detail: impl std::fmt::Display,
+) -> Failure {
     let mut e = UpstreamError::new(kind, upstream.reused, true, detail);
     e.response_started = upstream.conn.has_pending();
     Failure::Upstream(e)
 }
 
 /// Reads until a complete response head is buffered (left unconsumed), or the deadline passes.
-async fn read_response_head(upstream: &mut Upstream, request_was_head: bool, resp: &mut ResponseHead, deadline: Instant) -> Result<(), Failure> {
+async fn read_response_head(
+    upstream: &mut Upstream,
+    request_was_head: bool,
+    resp: &mut ResponseHead,
+    deadline: Instant,
+) -> Result<(), Failure> {
     loop {
         if upstream.conn.has_pending() {
             match parse_response(upstream.conn.pending(), request_was_head, resp) {
@@ -59,17 +68,35 @@ async fn read_response_head(upstream: &mut Upstream, request_was_head: bool, res
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(upstream_failure(ErrorKind::Timeout, upstream, "no response head in time"));
+            return Err(upstream_failure(
+                ErrorKind::Timeout,
+                upstream,
+                "no response head in time",
+            ));
         }
         upstream.conn.set_read_timeout(Some(left));
         match upstream.conn.fill(UPSTREAM_BUFFER_MAX).await {
-            Ok(0) => return Err(upstream_failure(ErrorKind::Reset, upstream, "closed before the response head")),
+            Ok(0) => {
+                return Err(upstream_failure(
+                    ErrorKind::Reset,
+                    upstream,
+                    "closed before the response head",
+                ))
+            }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                return Err(upstream_failure(ErrorKind::Timeout, upstream, "no response head in time"))
+                return Err(upstream_failure(
+                    ErrorKind::Timeout,
+                    upstream,
+                    "no response head in time",
+                ))
             }
             Err(e) if e.to_string().contains("receive buffer full") => {
-                return Err(upstream_failure(ErrorKind::BadResponse, upstream, "response head too large"))
+                return Err(upstream_failure(
+                    ErrorKind::BadResponse,
+                    upstream,
+                    "response head too large",
+                ))
             }
             Err(e) => return Err(upstream_failure(ErrorKind::Reset, upstream, e)),
         }
@@ -85,17 +112,26 @@ pub enum Continue {
 /// Waits briefly for the backend's interim answer before the body is sent: `100 Continue`
 /// (relayed to the client, which then sends its body), a final answer (relayed; the body is
 /// never sent), or silence (send the body anyway).
-pub async fn await_continue(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut Upstream, wait: Duration) -> Result<Continue, Failure> {
+pub async fn await_continue(
+    ex: &Exchange<'_>,
+    client: &mut Conn,
+    upstream: &mut Upstream,
+    wait: Duration,
+) -> Result<Continue, Failure> {
     let deadline = Instant::now() + wait;
     let mut resp = ResponseHead::default();
     loop {
         match read_response_head(upstream, ex.head.is_head, &mut resp, deadline).await {
             Ok(()) => {}
-            Err(Failure::Upstream(e)) if e.kind == ErrorKind::Timeout => return Ok(Continue::SendBody),
+            Err(Failure::Upstream(e)) if e.kind == ErrorKind::Timeout => {
+                return Ok(Continue::SendBody)
+            }
             Err(other) => return Err(other),
         }
         if !resp.interim {
-            let relayed = relay_response(ex, client, upstream, ex.shard.config.request_timeout, false).await?;
+            let relayed =
+                relay_response(ex, client, upstream, ex.shard.config.request_timeout, false)
+                    .await?;
             return Ok(Continue::Answered(relayed));
         }
         let is_continue = resp.status == 100;
@@ -106,7 +142,12 @@ pub async fn await_continue(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut
     }
 }
 
-async fn relay_interim(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut Upstream, resp: &ResponseHead) -> Result<(), Failure> {
+async fn relay_interim(
+    ex: &Exchange<'_>,
+    client: &mut Conn,
+    upstream: &mut Upstream,
+    resp: &ResponseHead,
+) -> Result<(), Failure> {
     // HTTP/1.0 clients do not understand interim responses (RFC 9110 §15.2).
     if ex.head.version == Version::Http11 {
         let mut out = Vec::with_capacity(resp.head_len);
@@ -124,7 +165,12 @@ async fn relay_interim(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut Upst
 }
 
 /// Streams a request body that was not buffered from the client to the backend.
-pub async fn forward_body(shard: &Shard, client: &mut Conn, upstream: &mut Upstream, framing: RequestFraming) -> Result<(), Failure> {
+pub async fn forward_body(
+    shard: &Shard,
+    client: &mut Conn,
+    upstream: &mut Upstream,
+    framing: RequestFraming,
+) -> Result<(), Failure> {
     let mut remaining = match framing {
         RequestFraming::Length(n) => n,
         RequestFraming::Chunked => u64::MAX,
@@ -165,7 +211,13 @@ pub async fn forward_body(shard: &Shard, client: &mut Conn, upstream: &mut Upstr
 }
 
 /// Relays the backend's response (interim ones first) to the client.
-pub async fn relay_response(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut Upstream, timeout: Duration, body_sent: bool) -> Result<Relayed, Failure> {
+pub async fn relay_response(
+    ex: &Exchange<'_>,
+    client: &mut Conn,
+    upstream: &mut Upstream,
+    timeout: Duration,
+    body_sent: bool,
+) -> Result<Relayed, Failure> {
     let shard = ex.shard;
     let head = ex.head;
     let deadline = Instant::now() + timeout;
@@ -181,7 +233,11 @@ pub async fn relay_response(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut
 
     if resp.upgraded {
         if !head.websocket_upgrade {
-            return Err(upstream_failure(ErrorKind::BadResponse, upstream, "101 to a request that asked for no upgrade"));
+            return Err(upstream_failure(
+                ErrorKind::BadResponse,
+                upstream,
+                "101 to a request that asked for no upgrade",
+            ));
         }
         return Ok(switch_protocols(ex, client, upstream, &resp).await);
     }
@@ -202,7 +258,11 @@ pub async fn relay_response(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut
             ResponseFraming::None => Some(0),
             _ => None,
         };
-        if let Storability::Store { ttl, vary_accept_encoding } = cache_decision(shard, status, &headers, body_len) {
+        if let Storability::Store {
+            ttl,
+            vary_accept_encoding,
+        } = cache_decision(shard, status, &headers, body_len)
+        {
             let kept = headers
                 .iter()
                 .filter(|(name, _)| !is_hop_by_hop(name))
@@ -211,7 +271,11 @@ pub async fn relay_response(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut
             store_plan = Some((kept, vary_accept_encoding, ttl, Vec::new()));
         }
     }
-    let extra: &[(&str, &str)] = if ex.candidate.is_some() { &[("X-Cache", "MISS")] } else { &[] };
+    let extra: &[(&str, &str)] = if ex.candidate.is_some() {
+        &[("X-Cache", "MISS")]
+    } else {
+        &[]
+    };
     let mut out = Vec::with_capacity(resp.head_len + 128);
     let opts = ResponseOptions {
         keep_alive,
@@ -223,19 +287,27 @@ pub async fn relay_response(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut
     upstream.conn.consume(resp.head_len);
 
     let max_store = shard.config.cache_max_object_bytes;
-    let mut collect = |bytes: &[u8], plan: &mut Option<(Vec<(Box<[u8]>, Box<[u8]>)>, bool, Duration, Vec<u8>)>| {
-        if let Some((_, _, _, body)) = plan {
-            if body.len() + bytes.len() > max_store {
-                *plan = None;
-            } else {
-                body.extend_from_slice(bytes);
+    let collect =
+        |bytes: &[u8],
+         plan: &mut Option<(Vec<(Box<[u8]>, Box<[u8]>)>, bool, Duration, Vec<u8>)>| {
+            if let Some((_, _, _, body)) = plan {
+                if body.len() + bytes.len() > max_store {
+                    *plan = None;
+                } else {
+                    body.extend_from_slice(bytes);
+                }
             }
-        }
-    };
+        };
 
-    upstream.conn.set_read_timeout(Some(shard.config.request_timeout));
+    upstream
+        .conn
+        .set_read_timeout(Some(shard.config.request_timeout));
     let body = match resp.framing {
-        ResponseFraming::None => client.write_all(&out).await.map_err(|_| ()).map(|_| BodyEnd::Complete),
+        ResponseFraming::None => client
+            .write_all(&out)
+            .await
+            .map_err(|_| ())
+            .map(|_| BodyEnd::Complete),
         ResponseFraming::Length(n) => {
             let mut remaining = n;
             let mut first = Some(out);
@@ -322,11 +394,15 @@ pub async fn relay_response(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut
                 }
                 let n = chunk_len(upstream);
                 upstream.conn.consume(n);
-                upstream.conn.set_read_timeout(Some(shard.config.request_timeout));
+                upstream
+                    .conn
+                    .set_read_timeout(Some(shard.config.request_timeout));
                 match upstream.conn.fill(crate::client::UPSTREAM_BUFFER).await {
                     Ok(0) => break Ok(BodyEnd::Complete),
                     Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut => break Ok(BodyEnd::Failed(ErrorKind::Timeout)),
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        break Ok(BodyEnd::Failed(ErrorKind::Timeout))
+                    }
                     Err(_) => break Ok(BodyEnd::Failed(ErrorKind::Reset)),
                 }
             }
@@ -337,7 +413,8 @@ pub async fn relay_response(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut
         Err(()) => Ok(Relayed::cut_short(status, None)),
         Ok(BodyEnd::Failed(kind)) => Ok(Relayed::cut_short(status, Some(kind))),
         Ok(BodyEnd::Complete) => {
-            if let (Some(candidate), Some((headers, vary, ttl, body))) = (ex.candidate, store_plan) {
+            if let (Some(candidate), Some((headers, vary, ttl, body))) = (ex.candidate, store_plan)
+            {
                 store(shard, candidate, status, headers, vary, ttl, body);
             }
             let next = if keep_alive {
@@ -377,7 +454,12 @@ async fn refill(upstream: &mut Upstream) -> Option<ErrorKind> {
 }
 
 /// `101 Switching Protocols` to a WebSocket request: relay the head, then tunnel bytes.
-async fn switch_protocols(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut Upstream, resp: &ResponseHead) -> Relayed {
+async fn switch_protocols(
+    ex: &Exchange<'_>,
+    client: &mut Conn,
+    upstream: &mut Upstream,
+    resp: &ResponseHead,
+) -> Relayed {
     let mut out = Vec::with_capacity(resp.head_len + 64);
     let opts = ResponseOptions {
         keep_alive: true,
@@ -402,12 +484,4 @@ async fn switch_protocols(ex: &Exchange<'_>, client: &mut Conn, upstream: &mut U
     }
     tunnel(&mut client.stream, &mut upstream.conn.stream, TUNNEL_IDLE).await;
     Relayed::cut_short(101, None)
-}
-
-// Used by the chunked re-encoding path if a future change needs it; kept next to its peers.
-#[allow(dead_code)]
-fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
-    write_chunk_header_to(data.len(), out);
-    out.extend_from_slice(data);
-    out.extend_from_slice(b"\r\n");
 }

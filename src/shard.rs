@@ -180,7 +180,10 @@ impl Shard {
                 return Some(s.clone());
             }
         }
-        stats.iter().find(|s| s.label == pick.backend.label).cloned()
+        stats
+            .iter()
+            .find(|s| s.label == pick.backend.label)
+            .cloned()
     }
 
     fn apply(&self, update: &Update) {
@@ -247,7 +250,9 @@ pub fn start(
 ) -> Result<RunningShard, StartupError> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let (wake_tx, wake_rx) = StdUnixStream::pair().map_err(StartupError::Thread)?;
-    wake_tx.set_nonblocking(true).map_err(StartupError::Thread)?;
+    wake_tx
+        .set_nonblocking(true)
+        .map_err(StartupError::Thread)?;
     let metrics = Arc::new(ShardMetrics::default());
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let thread_metrics = metrics.clone();
@@ -308,7 +313,9 @@ pub fn start(
         }
         Err(_) => {
             let _ = thread.join();
-            Err(StartupError::IoUring("the shard thread stopped during startup".into()))
+            Err(StartupError::IoUring(
+                "the shard thread stopped during startup".into(),
+            ))
         }
     }
 }
@@ -346,13 +353,10 @@ async fn run(
     }
 
     loop {
-        let accepted = futures_lite::future::or(
-            async { Some(listener.accept().await) },
-            async {
-                shard.shutdown.wait().await;
-                None
-            },
-        )
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.shutdown.wait().await;
+            None
+        })
         .await;
         match accepted {
             None => break,
@@ -360,9 +364,13 @@ async fn run(
                 let peer = stream.peer_addr().ok();
                 let shard = shard.clone();
                 glommio::spawn_local(async move {
-                    shard.active_connections.set(shard.active_connections.get() + 1);
+                    shard
+                        .active_connections
+                        .set(shard.active_connections.get() + 1);
                     crate::proxy::serve(&shard, stream, peer).await;
-                    shard.active_connections.set(shard.active_connections.get() - 1);
+                    shard
+                        .active_connections
+                        .set(shard.active_connections.get() - 1);
                 })
                 .detach();
             }
@@ -400,7 +408,7 @@ async fn watch_commands(
     commands: Receiver<ShardCommand>,
     acks: Sender<(usize, u64)>,
 ) {
-    let wake = match into_glommio(wake) {
+    let mut wake = match into_glommio(wake) {
         Ok(w) => w,
         Err(e) => {
             warn!("shard {} cannot watch for updates: {e}", shard.id);

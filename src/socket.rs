@@ -94,7 +94,8 @@ impl AgentLink {
                 }
                 Err(e) => e,
             };
-            if matches!(reason, AgentError::ShuttingDown) || self.status.shutting_down.load(Relaxed) {
+            if matches!(reason, AgentError::ShuttingDown) || self.status.shutting_down.load(Relaxed)
+            {
                 return;
             }
             if delivered {
@@ -133,7 +134,8 @@ impl AgentLink {
             .map_err(AgentError::Connect)?
             .next()
             .ok_or_else(|| AgentError::Connect(io::Error::other("host has no address")))?;
-        let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(AgentError::Connect)?;
+        let stream =
+            TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(AgentError::Connect)?;
         let _ = stream.set_nodelay(true);
         stream
             .set_read_timeout(Some(CONNECT_TIMEOUT))
@@ -141,7 +143,8 @@ impl AgentLink {
         stream
             .set_write_timeout(Some(CONNECT_TIMEOUT))
             .map_err(AgentError::Connect)?;
-        let (ws, _) = tungstenite::client::client(url, stream).map_err(|e| AgentError::Handshake(e.to_string()))?;
+        let (ws, _) = tungstenite::client::client(url, stream)
+            .map_err(|e| AgentError::Handshake(e.to_string()))?;
         ws.get_ref()
             .set_read_timeout(Some(TICK))
             .map_err(AgentError::Connect)?;
@@ -162,7 +165,9 @@ impl AgentLink {
                     pinged = false;
                     let reply = match message {
                         Message::Text(text) => Some(self.on_snapshot(text.as_str(), delivered)),
-                        Message::Binary(_) => Some(self.reject(&Rejection::BinaryFrame.to_string())),
+                        Message::Binary(_) => {
+                            Some(self.reject(&Rejection::BinaryFrame.to_string()))
+                        }
                         Message::Close(_) => return AgentError::Closed,
                         // Pings are answered by tungstenite itself (flushed below).
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
@@ -177,7 +182,10 @@ impl AgentLink {
                     }
                 }
                 Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
                 {
                     let silent = last_heard.elapsed();
                     if silent >= DEAD_AFTER {
@@ -190,9 +198,8 @@ impl AgentLink {
                         }
                     }
                 }
-                Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => {
-                    return AgentError::Closed
-                }
+                Err(tungstenite::Error::ConnectionClosed)
+                | Err(tungstenite::Error::AlreadyClosed) => return AgentError::Closed,
                 Err(e) => return AgentError::Protocol(e),
             }
         }

@@ -2,7 +2,7 @@
 //! balancer in between, showing traffic following the scores live. Everything it starts, it
 //! stops. Run with `scripts/demo.sh` (or `cargo run --release --bin demo`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -38,14 +38,18 @@ fn run() -> Result<(), String> {
         ("BACKENDS", &initial),
         ("RUST_LOG", "info"),
     ])?;
-    println!("balancer listening on {} (admin on {})", balancer.addr, balancer.admin);
+    println!(
+        "balancer listening on {} (admin on {})",
+        balancer.addr, balancer.admin
+    );
     println!("backends: {}", describe(&backends));
 
     phase(&balancer, "static BACKENDS, scores 1:1:1", &[1.0, 1.0, 1.0])?;
 
     agent.set_nonblocking(false).map_err(|e| e.to_string())?;
     let (conn, _) = agent.accept().map_err(|e| e.to_string())?;
-    conn.set_read_timeout(Some(WAIT)).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(WAIT))
+        .map_err(|e| e.to_string())?;
     let mut ws = tungstenite::accept(conn).map_err(|e| e.to_string())?;
     println!("deployment agent: balancer connected");
     for scores in [[1.0, 2.0, 3.0], [5.0, 1.0, 0.0], [0.0, 0.0, 1.0]] {
@@ -88,7 +92,13 @@ fn snapshot(backends: &[SocketAddr], scores: &[f64]) -> String {
     let entries: Vec<String> = backends
         .iter()
         .zip(scores)
-        .map(|(a, s)| format!("{{\"host\":\"{}\",\"port\":{},\"score\":{s}}}", a.ip(), a.port()))
+        .map(|(a, s)| {
+            format!(
+                "{{\"host\":\"{}\",\"port\":{},\"score\":{s}}}",
+                a.ip(),
+                a.port()
+            )
+        })
         .collect();
     format!("{{\"servers\":[{}]}}", entries.join(","))
 }
@@ -104,7 +114,9 @@ fn phase(balancer: &Balancer, title: &str, scores: &[f64]) -> Result<(), String>
             let result = (|| -> Result<[usize; 3], String> {
                 let mut local = [0usize; 3];
                 let stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-                stream.set_read_timeout(Some(WAIT)).map_err(|e| e.to_string())?;
+                stream
+                    .set_read_timeout(Some(WAIT))
+                    .map_err(|e| e.to_string())?;
                 let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
                 let mut reader = BufReader::new(stream);
                 for _ in 0..per_conn {
@@ -133,10 +145,19 @@ fn phase(balancer: &Balancer, title: &str, scores: &[f64]) -> Result<(), String>
     println!("\n== {title}: {total} requests");
     println!("   backend   score share   traffic share");
     for i in 0..3 {
-        let want = if score_total > 0.0 { scores[i] / score_total } else { 0.0 };
+        let want = if score_total > 0.0 {
+            scores[i] / score_total
+        } else {
+            0.0
+        };
         let got = counts[i] as f64 / total.max(1) as f64;
         let bar = "#".repeat((got * 40.0).round() as usize);
-        println!("   {:<8}  {:>10.1}%  {:>13.1}%  {bar}", NAMES[i], want * 100.0, got * 100.0);
+        println!(
+            "   {:<8}  {:>10.1}%  {:>13.1}%  {bar}",
+            NAMES[i],
+            want * 100.0,
+            got * 100.0
+        );
     }
     Ok(())
 }
@@ -157,7 +178,10 @@ fn read_response<R: BufRead>(r: &mut R) -> Result<String, String> {
         }
         if let Some((n, v)) = l.split_once(':') {
             if n.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().map_err(|_| "bad content-length".to_string())?;
+                len = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| "bad content-length".to_string())?;
             }
         }
     }
@@ -188,9 +212,14 @@ fn start_backend(name: &'static str, stop: Arc<AtomicBool>) -> Result<SocketAddr
 fn serve(conn: TcpStream, name: &str, stop: Arc<AtomicBool>) {
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
-    let Ok(mut writer) = conn.try_clone() else { return };
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(conn);
-    let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}", name.len());
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+        name.len()
+    );
     let mut line = String::new();
     while !stop.load(SeqCst) {
         line.clear();
@@ -202,7 +231,9 @@ fn serve(conn: TcpStream, name: &str, stop: Arc<AtomicBool>) {
                 }
             }
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => return,
         }
     }
@@ -241,7 +272,9 @@ impl Balancer {
         while addr.is_none() || admin.is_none() {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .map_err(|_| "the balancer did not start (is the port free? see its log)".to_string())?;
+                .map_err(|_| {
+                    "the balancer did not start (is the port free? see its log)".to_string()
+                })?;
             let value = |marker: &str| {
                 line.split(marker)
                     .nth(1)

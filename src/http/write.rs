@@ -1,0 +1,645 @@
+//! Head writing: the request sent to a backend, the response sent to a client, and the balancer's own small responses.
+
+use std::net::IpAddr;
+
+use super::{
+    list, Field, HeaderRange, RequestFraming, RequestHead, ResponseFraming, ResponseHead,
+    ResponseOptions, Version,
+};
+
+/// Whether some Connection field names a header other than close/keep-alive/upgrade.
+fn names_extra_fields(headers: &[HeaderRange], buf: &[u8]) -> bool {
+    connection_tokens(headers, buf).any(|t| {
+        !t.eq_ignore_ascii_case(b"close")
+            && !t.eq_ignore_ascii_case(b"keep-alive")
+            && !t.eq_ignore_ascii_case(b"upgrade")
+    })
+}
+
+fn connection_tokens<'a>(
+    headers: &'a [HeaderRange],
+    buf: &'a [u8],
+) -> impl Iterator<Item = &'a [u8]> {
+    headers
+        .iter()
+        .filter(|h| Field::of(&buf[h.name.clone()]) == Field::Connection)
+        .flat_map(move |h| list(&buf[h.value.clone()]))
+}
+
+fn named_by_connection(headers: &[HeaderRange], buf: &[u8], name: &[u8]) -> bool {
+    connection_tokens(headers, buf).any(|t| t.eq_ignore_ascii_case(name))
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+fn put_status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    put_u64(out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends to `out` the HTTP/1.1 request head sent to the backend.
+///
+/// Origin-form target; Host first (the authority of an absolute-form target wins, an empty
+/// Host when the client sent none); hop-by-hop fields and those Connection names dropped,
+/// except that a websocket upgrade gets `Upgrade: websocket` and `Connection: upgrade`;
+/// one normalized Content-Length; `X-Forwarded-For` extended with `client_ip`;
+/// `X-Forwarded-Proto: http`; Expect kept except from an HTTP/1.0 client. The fields the
+/// proxy itself defines (Host, Content-Length, Transfer-Encoding, Expect, X-Forwarded-*)
+/// cannot be removed by naming them in Connection.
+pub fn write_forward_request(head: &RequestHead, buf: &[u8], client_ip: IpAddr, out: &mut Vec<u8>) {
+    out.extend_from_slice(head.method(buf));
+    out.push(b' ');
+    let path = &buf[head.path.clone()];
+    if path.first() != Some(&b'/') && path != b"*" {
+        out.push(b'/'); // absolute-form without a path, or with only a query
+    }
+    out.extend_from_slice(path);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let host = head.authority.as_ref().or(head.host.as_ref());
+    put_header(out, b"Host", host.map_or(&b""[..], |r| &buf[r.clone()]));
+
+    let check_named = names_extra_fields(&head.headers, buf);
+    let mut has_xff = false;
+    for h in &head.headers {
+        let name = &buf[h.name.clone()];
+        match Field::of(name) {
+            // An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1).
+            Field::Expect if head.version == Version::Http10 => continue,
+            Field::TransferEncoding | Field::Expect => {}
+            Field::XForwardedFor => {
+                has_xff = true;
+                continue;
+            }
+            Field::Host | Field::ContentLength | Field::XForwardedProto => continue,
+            f if f.is_hop_by_hop() => continue,
+            _ if check_named && named_by_connection(&head.headers, buf, name) => continue,
+            _ => {}
+        }
+        put_header(out, name, &buf[h.value.clone()]);
+    }
+    if let RequestFraming::Length(n) = head.framing {
+        out.extend_from_slice(b"Content-Length: ");
+        put_u64(out, n);
+        out.extend_from_slice(b"\r\n");
+    }
+    if head.websocket_upgrade {
+        out.extend_from_slice(b"Upgrade: websocket\r\nConnection: upgrade\r\n");
+    }
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if has_xff {
+        let existing = head
+            .headers
+            .iter()
+            .filter(|h| Field::of(&buf[h.name.clone()]) == Field::XForwardedFor)
+            .flat_map(|h| list(&buf[h.value.clone()]));
+        for value in existing {
+            out.extend_from_slice(value);
+            out.extend_from_slice(b", ");
+        }
+    }
+    put_ip(out, client_ip);
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\n\r\n");
+}
+
+fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        // The common case, without going through fmt.
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                put_u64(out, u64::from(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::io::Write as _;
+            // Writing into a Vec cannot fail; the Vec only grows.
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// Appends to `out` the response head sent to the client.
+///
+/// `HTTP/1.1 {status} {reason}` (the standard phrase when the backend sent none); the
+/// backend's fields minus hop-by-hop and Connection-named ones (101 keeps Upgrade and gets
+/// `Connection: upgrade`); Content-Length normalized for a length-delimited body and dropped
+/// when Transfer-Encoding overrides it; Transfer-Encoding dropped when `dechunk` (which also
+/// forces `Connection: close`); then `extra`; then Connection per `opts`, which interim (1xx)
+/// responses never carry.
+pub fn write_response_head(
+    head: &ResponseHead,
+    buf: &[u8],
+    opts: &ResponseOptions<'_>,
+    out: &mut Vec<u8>,
+) {
+    let reason = match &buf[head.reason.clone()] {
+        [] => reason_phrase(head.status).as_bytes(),
+        reason => reason,
+    };
+    put_status_line(out, head.status, reason);
+    let check_named = names_extra_fields(&head.headers, buf);
+    for h in &head.headers {
+        let name = &buf[h.name.clone()];
+        match Field::of(name) {
+            Field::ContentLength if head.framing != ResponseFraming::None => continue,
+            Field::ContentLength => {}
+            Field::TransferEncoding if opts.dechunk => continue,
+            Field::TransferEncoding => {}
+            Field::Upgrade if head.upgraded => {}
+            f if f.is_hop_by_hop() => continue,
+            _ if check_named && named_by_connection(&head.headers, buf, name) => continue,
+            _ => {}
+        }
+        put_header(out, name, &buf[h.value.clone()]);
+    }
+    if let ResponseFraming::Length(n) = head.framing {
+        out.extend_from_slice(b"Content-Length: ");
+        put_u64(out, n);
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in opts.extra {
+        put_header(out, name.as_bytes(), value.as_bytes());
+    }
+    if head.upgraded {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+    } else if !head.interim {
+        if !opts.keep_alive || opts.dechunk {
+            out.extend_from_slice(b"Connection: close\r\n");
+        } else if opts.client_version == Version::Http10 {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends a complete response the balancer makes itself, for an HTTP/1.1 client.
+pub fn write_error_response(status: u16, keep_alive: bool, out: &mut Vec<u8>) {
+    write_error_response_for(status, keep_alive, Version::Http11, out);
+}
+
+/// Appends a complete response the balancer makes itself: a text/plain body such as
+/// "502 bad gateway\n", Content-Length, and `Connection: close` unless `keep_alive`
+/// (`Connection: keep-alive` to an HTTP/1.0 client that keeps the connection).
+pub fn write_error_response_for(
+    status: u16,
+    keep_alive: bool,
+    client_version: Version,
+    out: &mut Vec<u8>,
+) {
+    let reason = reason_phrase(status);
+    put_status_line(out, status, reason.as_bytes());
+    out.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: ");
+    // Body: the status digits, a space, the phrase, a newline.
+    let digits = status.checked_ilog10().unwrap_or(0) + 1;
+    put_u64(out, u64::from(digits) + 1 + reason.len() as u64 + 1);
+    out.extend_from_slice(b"\r\n");
+    if status == 405 {
+        out.extend_from_slice(b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if client_version == Version::Http10 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    put_u64(out, u64::from(status));
+    out.push(b' ');
+    out.extend(reason.bytes().map(|b| b.to_ascii_lowercase()));
+    out.push(b'\n');
+}
+
+/// The standard reason phrase of a status code (RFC 9110 §15), or "" for an unknown one.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        103 => "Early Hints",
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        203 => "Non-Authoritative Information",
+        204 => "No Content",
+        205 => "Reset Content",
+        206 => "Partial Content",
+        300 => "Multiple Choices",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        406 => "Not Acceptable",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        410 => "Gone",
+        411 => "Length Required",
+        412 => "Precondition Failed",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        415 => "Unsupported Media Type",
+        416 => "Range Not Satisfiable",
+        417 => "Expectation Failed",
+        421 => "Misdirected Request",
+        422 => "Unprocessable Content",
+        426 => "Upgrade Required",
+        428 => "Precondition Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::super::tests::{forward, forward_from, respond, IP, KEEP};
+    use super::*;
+    use crate::http::{parse_request, parse_response};
+    use std::net::Ipv6Addr;
+
+    #[test]
+    fn absolute_form_is_rewritten_to_origin_form_with_its_host() {
+        let cases = [
+            (
+                "GET http://a.b:8/x?y HTTP/1.1\r\nHost: other\r\n\r\n",
+                "GET /x?y HTTP/1.1\r\nHost: a.b:8\r\n",
+            ),
+            (
+                "GET http://a.b HTTP/1.0\r\n\r\n",
+                "GET / HTTP/1.1\r\nHost: a.b\r\n",
+            ),
+            (
+                "GET http://a.b?q HTTP/1.1\r\nHost: a.b\r\n\r\n",
+                "GET /?q HTTP/1.1\r\nHost: a.b\r\n",
+            ),
+            (
+                "OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n",
+                "OPTIONS * HTTP/1.1\r\nHost: h\r\n",
+            ),
+            ("GET /p HTTP/1.0\r\n\r\n", "GET /p HTTP/1.1\r\nHost: \r\n"),
+        ];
+        for (raw, start) in cases {
+            let out = forward(raw);
+            assert!(out.starts_with(start), "{raw:?} => {out:?}");
+            assert_eq!(out.matches("Host:").count(), 1, "{out:?}");
+        }
+    }
+
+    #[test]
+    fn forward_request_is_exactly_as_expected() {
+        let raw = "POST /form HTTP/1.0\r\nHost: shop\r\nConnection: keep-alive, X-Hop\r\n\
+                   X-Hop: 1\r\nAccept: */*\r\nContent-Length: 005\r\nKeep-Alive: timeout=5\r\n\r\n";
+        let expected = "POST /form HTTP/1.1\r\nHost: shop\r\nAccept: */*\r\nContent-Length: 5\r\n\
+                        X-Forwarded-For: 10.1.2.3\r\nX-Forwarded-Proto: http\r\n\r\n";
+        assert_eq!(forward(raw), expected);
+    }
+
+    #[test]
+    fn x_forwarded_for_appends_the_client() {
+        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        let cases = [
+            ("", IP, "X-Forwarded-For: 10.1.2.3\r\n"),
+            (
+                "X-Forwarded-For: 1.1.1.1\r\n",
+                IP,
+                "X-Forwarded-For: 1.1.1.1, 10.1.2.3\r\n",
+            ),
+            (
+                "X-Forwarded-For: 1.1.1.1, 2.2.2.2\r\nAccept: */*\r\nx-forwarded-for: 3.3.3.3\r\n",
+                IP,
+                "X-Forwarded-For: 1.1.1.1, 2.2.2.2, 3.3.3.3, 10.1.2.3\r\n",
+            ),
+            ("X-Forwarded-For: \r\n", IP, "X-Forwarded-For: 10.1.2.3\r\n"),
+            ("", v6, "X-Forwarded-For: ::1\r\n"),
+        ];
+        for (fields, ip, expected) in cases {
+            let out = forward_from(&format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}\r\n"), ip);
+            assert!(out.contains(expected), "{fields:?} => {out:?}");
+            assert_eq!(
+                out.to_ascii_lowercase().matches("x-forwarded-for").count(),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn expect_from_an_http10_client_is_ignored() {
+        let raw = "POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n";
+        assert!(!forward(raw).contains("Expect"));
+        let raw = "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n";
+        assert!(forward(raw).contains("Expect: 100-continue\r\n"));
+    }
+
+    #[test]
+    fn x_forwarded_proto_is_replaced() {
+        let out = forward("GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Proto: https\r\nx-forwarded-proto: ftp\r\n\r\n");
+        assert!(out.ends_with("X-Forwarded-Proto: http\r\n\r\n"), "{out:?}");
+        assert_eq!(
+            out.to_ascii_lowercase()
+                .matches("x-forwarded-proto")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn forward_drops_hop_by_hop_and_connection_named_fields() {
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nConnection: X-Secret, x-other\r\nConnection: close\r\n\
+                   Keep-Alive: 5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\n\
+                   Upgrade: h2c\r\nX-Secret: s\r\nX-Other: o\r\nX-Kept: k\r\n\r\n";
+        let out = forward(raw).to_ascii_lowercase();
+        for gone in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te:",
+            "trailer",
+            "upgrade",
+            "x-secret",
+            "x-other",
+        ] {
+            assert!(!out.contains(gone), "{gone} in {out:?}");
+        }
+        assert!(out.contains("x-kept: k\r\n"));
+    }
+
+    #[test]
+    fn connection_cannot_remove_fields_the_proxy_defines() {
+        let raw = "POST / HTTP/1.1\r\nHost: a\r\nConnection: host, content-length, expect, x-forwarded-for\r\n\
+                   Content-Length: 2\r\nExpect: 100-continue\r\nX-Forwarded-For: 9.9.9.9\r\n\r\n";
+        let out = forward(raw);
+        for kept in [
+            "Host: a\r\n",
+            "Content-Length: 2\r\n",
+            "Expect: 100-continue\r\n",
+            "X-Forwarded-For: 9.9.9.9, 10.1.2.3\r\n",
+        ] {
+            assert!(out.contains(kept), "{kept:?} missing from {out:?}");
+        }
+    }
+
+    #[test]
+    fn forward_keeps_websocket_upgrade_and_chunked_framing() {
+        let ws = forward("GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: k\r\n\r\n");
+        assert!(
+            ws.contains("Upgrade: websocket\r\nConnection: upgrade\r\n"),
+            "{ws:?}"
+        );
+        assert!(ws.contains("Sec-WebSocket-Key: k\r\n"));
+        assert_eq!(ws.to_ascii_lowercase().matches("upgrade:").count(), 1);
+        let chunked =
+            forward("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert!(
+            chunked.contains("Transfer-Encoding: gzip, chunked\r\n"),
+            "{chunked:?}"
+        );
+        assert!(!chunked.contains("Content-Length"));
+    }
+
+    #[test]
+    fn response_head_is_exactly_as_expected() {
+        let raw = "HTTP/1.1 200 OK\r\nContent-Type: text/css\r\nConnection: keep-alive, X-Hop\r\n\
+                   X-Hop: 1\r\nKeep-Alive: timeout=5\r\nTrailer: X-T\r\nUpgrade: h2c\r\n\
+                   Proxy-Connection: x\r\nTE: trailers\r\nContent-Length: 10, 10\r\n\r\n";
+        let extra = [("X-Cache", "MISS")];
+        let opts = ResponseOptions {
+            extra: &extra,
+            ..KEEP
+        };
+        let expected = "HTTP/1.1 200 OK\r\nContent-Type: text/css\r\nContent-Length: 10\r\nX-Cache: MISS\r\n\r\n";
+        assert_eq!(respond(raw, &opts), expected);
+    }
+
+    #[test]
+    fn response_connection_follows_the_options() {
+        let raw = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let cases = [
+            (true, Version::Http11, false, ""),
+            (false, Version::Http11, false, "Connection: close\r\n"),
+            (true, Version::Http10, false, "Connection: keep-alive\r\n"),
+            (false, Version::Http10, false, "Connection: close\r\n"),
+            (true, Version::Http10, true, "Connection: close\r\n"),
+        ];
+        for (keep_alive, client_version, dechunk, connection) in cases {
+            let opts = ResponseOptions {
+                keep_alive,
+                client_version,
+                dechunk,
+                extra: &[],
+            };
+            let expected = format!("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n{connection}\r\n");
+            assert_eq!(respond(raw, &opts), expected);
+        }
+    }
+
+    #[test]
+    fn response_body_fields_follow_the_framing() {
+        let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(
+            respond(chunked, &KEEP),
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        let opts = ResponseOptions {
+            client_version: Version::Http10,
+            dechunk: true,
+            ..KEEP
+        };
+        assert_eq!(
+            respond(chunked, &opts),
+            "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+        );
+        let not_modified = "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n";
+        assert_eq!(respond(not_modified, &KEEP), not_modified);
+    }
+
+    #[test]
+    fn switching_protocols_keeps_upgrade() {
+        let raw = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n";
+        let expected = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: x\r\nConnection: upgrade\r\n\r\n";
+        assert_eq!(respond(raw, &KEEP), expected);
+    }
+
+    #[test]
+    fn interim_response_carries_no_connection_field() {
+        let opts = ResponseOptions {
+            keep_alive: false,
+            ..KEEP
+        };
+        assert_eq!(
+            respond("HTTP/1.1 100 Continue\r\n\r\n", &opts),
+            "HTTP/1.1 100 Continue\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn missing_reason_gets_the_standard_phrase() {
+        assert!(respond("HTTP/1.1 404\r\n\r\n", &KEEP).starts_with("HTTP/1.1 404 Not Found\r\n"));
+        let obs_text = "HTTP/1.1 200 \u{e9}t\u{e9}\r\n\r\n";
+        assert!(respond(obs_text, &KEEP).starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(
+            respond("HTTP/1.1 299 Custom\r\n\r\n", &KEEP).starts_with("HTTP/1.1 299 Custom\r\n")
+        );
+    }
+
+    #[test]
+    fn error_responses_are_small_plain_text() {
+        for status in [400, 405, 408, 414, 431, 502, 503, 504, 505] {
+            for keep_alive in [true, false] {
+                let mut out = Vec::new();
+                write_error_response(status, keep_alive, &mut out);
+                let text = String::from_utf8(out).unwrap();
+                let (head, body) = text.split_once("\r\n\r\n").unwrap();
+                assert!(text.len() < 1024, "{text}");
+                assert!(
+                    head.starts_with(&format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status)))
+                );
+                assert!(head.contains("Content-Type: text/plain"));
+                assert!(head.contains(&format!("Content-Length: {}", body.len())));
+                assert_eq!(head.contains("Connection: close"), !keep_alive, "{head}");
+                assert_eq!(
+                    body,
+                    format!("{status} {}\n", reason_phrase(status).to_lowercase())
+                );
+            }
+        }
+        let mut out = Vec::new();
+        write_error_response(502, false, &mut out);
+        assert!(out.ends_with(b"\r\n\r\n502 bad gateway\n"));
+    }
+
+    #[test]
+    fn error_response_to_http10_keep_alive_says_so() {
+        let mut out = Vec::new();
+        write_error_response_for(503, true, Version::Http10, &mut out);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("Connection: keep-alive\r\n"));
+    }
+
+    #[test]
+    fn reason_phrases_cover_the_balancers_own_answers() {
+        for status in [400, 405, 408, 413, 414, 431, 500, 502, 503, 504, 505] {
+            assert!(!reason_phrase(status).is_empty(), "{status}");
+        }
+        assert_eq!(reason_phrase(999), "");
+    }
+
+    /// Mutates valid heads at random (fixed seed): parsing never panics, and whatever is
+    /// accepted is forwarded as a head that parses again with the same framing and target.
+    #[test]
+    fn mutated_heads_never_panic_and_forward_round_trips() {
+        let seeds = [
+            "GET /a?b HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-A\r\nX-A: 1\r\n\r\n",
+            "POST http://h:8/p HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n",
+            "PUT / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        ];
+        let alphabet = b" :\r\n\t,;/?*0123456789abcdefXHTP-\0\x7f\xff";
+        let mut rng = fastrand::Rng::with_seed(7);
+        let (mut accepted, mut head, mut again) =
+            (0, RequestHead::default(), RequestHead::default());
+        for _ in 0..20_000 {
+            let mut raw = seeds[rng.usize(..seeds.len())].as_bytes().to_vec();
+            for _ in 0..rng.usize(1..4) {
+                let at = rng.usize(..raw.len());
+                match rng.u8(..3) {
+                    0 => raw[at] = alphabet[rng.usize(..alphabet.len())],
+                    1 => raw.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                    _ => drop(raw.remove(at)),
+                }
+            }
+            let Ok(true) = parse_request(&raw, &mut head) else {
+                continue;
+            };
+            accepted += 1;
+            assert!(head.head_len <= raw.len());
+            let mut out = Vec::new();
+            write_forward_request(&head, &raw, IP, &mut out);
+            let reparsed = parse_request(&out, &mut again);
+            assert_eq!(reparsed, Ok(true), "{:?}", String::from_utf8_lossy(&out));
+            assert_eq!(again.framing, head.framing);
+            let path = head.path(&raw);
+            match path.first() {
+                Some(b'/' | b'*') => assert_eq!(again.path(&out), path),
+                _ => assert_eq!(again.path(&out), [b"/", path].concat()), // "http://h?q"
+            }
+            assert_eq!(again.host_for_key(&out), head.host_for_key(&raw));
+            assert_eq!(again.websocket_upgrade, head.websocket_upgrade);
+            assert_eq!(again.head_len, out.len());
+        }
+        assert!(accepted > 1000, "only {accepted} mutants accepted");
+    }
+
+    /// The same for responses: whatever is accepted is written as a head that parses again
+    /// with the same status and framing.
+    #[test]
+    fn mutated_responses_never_panic_and_round_trip() {
+        let seeds = [
+            "HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: X-A\r\nX-A: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.0 304 Not Modified\r\nKeep-Alive: 5\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        ];
+        let alphabet = b" :\r\n\t,;0123456789abcdefXHTP-\0\x7f\xff";
+        let mut rng = fastrand::Rng::with_seed(9);
+        let (mut accepted, mut head, mut again) =
+            (0, ResponseHead::default(), ResponseHead::default());
+        for _ in 0..20_000 {
+            let mut raw = seeds[rng.usize(..seeds.len())].as_bytes().to_vec();
+            for _ in 0..rng.usize(1..4) {
+                let at = rng.usize(..raw.len());
+                match rng.u8(..3) {
+                    0 => raw[at] = alphabet[rng.usize(..alphabet.len())],
+                    1 => raw.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                    _ => drop(raw.remove(at)),
+                }
+            }
+            let Ok(true) = parse_response(&raw, false, &mut head) else {
+                continue;
+            };
+            accepted += 1;
+            let mut out = Vec::new();
+            write_response_head(&head, &raw, &KEEP, &mut out);
+            let reparsed = parse_response(&out, false, &mut again);
+            assert_eq!(reparsed, Ok(true), "{:?}", String::from_utf8_lossy(&out));
+            assert_eq!((again.status, again.framing), (head.status, head.framing));
+            assert_eq!(again.head_len, out.len());
+        }
+        assert!(accepted > 1000, "only {accepted} mutants accepted");
+    }
+}
