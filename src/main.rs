@@ -10,7 +10,6 @@ use log::{error, info, warn};
 
 use balancer::admin::{self, Status};
 use balancer::config::{help_text, version_text, Config, ConfigError};
-use balancer::queue::ServerSet;
 use balancer::resolve::resolve;
 use balancer::shard::{self, RunningShard, ShardCommand, StartupError, Update};
 use balancer::socket::{self, AgentLink};
@@ -115,10 +114,7 @@ fn run(config: Config, initial: Update) -> Result<(), String> {
     let status = Arc::new(Status::new(
         shards.iter().map(|s| s.metrics.clone()).collect(),
     ));
-    status.publish_set(
-        initial.version,
-        config.backends.clone().unwrap_or_else(ServerSet::default),
-    );
+    status.publish_set(initial.version, config.backends.clone().unwrap_or_default());
     if let Some(port) = config.admin_port {
         let listener = admin::bind(port).map_err(|e| {
             stop(&shards);

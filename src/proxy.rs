@@ -524,20 +524,17 @@ pub fn store(
     shard: &Shard,
     candidate: &CacheCandidate,
     status: u16,
-    headers: Vec<(Box<[u8]>, Box<[u8]>)>,
-    vary_accept_encoding: bool,
-    ttl: Duration,
-    body: Vec<u8>,
+    plan: crate::relay::StorePlan,
 ) {
     let now = Instant::now();
-    let response =
-        CachedResponse::new(status, headers, Rc::from(body.into_boxed_slice()), now, ttl);
+    let body = Rc::from(plan.body.into_boxed_slice());
+    let response = CachedResponse::new(status, plan.headers, body, now, plan.ttl);
     let mut cache = shard.cache.borrow_mut();
     cache.insert(
         &candidate.host,
         &candidate.target,
         candidate.accept_encoding.as_deref(),
-        vary_accept_encoding,
+        plan.vary_accept_encoding,
         response,
         now,
     );

@@ -4,7 +4,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use crate::body::ChunkedDecoder;
-use crate::cache::Storability;
+use crate::cache::{Storability, StoredHeader};
 use crate::client::{Upstream, UpstreamError};
 use crate::http::{
     is_hop_by_hop, parse_response, write_response_head, RequestFraming, ResponseFraming,
@@ -267,8 +267,13 @@ pub async fn relay_response(
                 .iter()
                 .filter(|(name, _)| !is_hop_by_hop(name))
                 .map(|(n, v)| (Box::from(*n), Box::from(*v)))
-                .collect::<Vec<(Box<[u8]>, Box<[u8]>)>>();
-            store_plan = Some((kept, vary_accept_encoding, ttl, Vec::new()));
+                .collect::<Vec<StoredHeader>>();
+            store_plan = Some(StorePlan {
+                headers: kept,
+                vary_accept_encoding,
+                ttl,
+                body: Vec::new(),
+            });
         }
     }
     let extra: &[(&str, &str)] = if ex.candidate.is_some() {
@@ -287,17 +292,15 @@ pub async fn relay_response(
     upstream.conn.consume(resp.head_len);
 
     let max_store = shard.config.cache_max_object_bytes;
-    let collect =
-        |bytes: &[u8],
-         plan: &mut Option<(Vec<(Box<[u8]>, Box<[u8]>)>, bool, Duration, Vec<u8>)>| {
-            if let Some((_, _, _, body)) = plan {
-                if body.len() + bytes.len() > max_store {
-                    *plan = None;
-                } else {
-                    body.extend_from_slice(bytes);
-                }
+    let collect = |bytes: &[u8], plan: &mut Option<StorePlan>| {
+        if let Some(p) = plan {
+            if p.body.len() + bytes.len() > max_store {
+                *plan = None;
+            } else {
+                p.body.extend_from_slice(bytes);
             }
-        };
+        }
+    };
 
     upstream
         .conn
@@ -413,9 +416,8 @@ pub async fn relay_response(
         Err(()) => Ok(Relayed::cut_short(status, None)),
         Ok(BodyEnd::Failed(kind)) => Ok(Relayed::cut_short(status, Some(kind))),
         Ok(BodyEnd::Complete) => {
-            if let (Some(candidate), Some((headers, vary, ttl, body))) = (ex.candidate, store_plan)
-            {
-                store(shard, candidate, status, headers, vary, ttl, body);
+            if let (Some(candidate), Some(plan)) = (ex.candidate, store_plan) {
+                store(shard, candidate, status, plan);
             }
             let next = if keep_alive {
                 Next::KeepAlive
@@ -432,6 +434,14 @@ pub async fn relay_response(
             })
         }
     }
+}
+
+/// A response body being copied for the cache while it streams to the client.
+pub struct StorePlan {
+    pub headers: Vec<StoredHeader>,
+    pub vary_accept_encoding: bool,
+    pub ttl: Duration,
+    pub body: Vec<u8>,
 }
 
 fn chunk_len(upstream: &Upstream) -> usize {
