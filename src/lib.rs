@@ -22,7 +22,7 @@
 //!
 //! Pure modules (`config`, `queue`, `balancer`, `backoff`, `http`, `body`, `cache`,
 //! `metrics`) take time and randomness as parameters and do no I/O; glue modules (`shard`,
-//! `proxy`, `relay`, `client`, `stream`, `socket`, `admin`, `resolve`) do I/O and hold no
+//! `proxy`, `lookup`, `relay`, `client`, `stream`, `socket`, `admin`, `resolve`) do I/O and hold no
 //! policy.
 #![deny(unsafe_code)]
 
@@ -34,6 +34,7 @@ pub mod cache;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod lookup;
 pub mod metrics;
 pub mod proxy;
 pub mod queue;

@@ -13,12 +13,13 @@ use glommio::net::TcpStream;
 use log::debug;
 
 use crate::balancer::{Outcome, Pick};
-use crate::cache::{is_cacheable_request, storability, CachedResponse, Lookup, Storability};
+use crate::cache::{storability, CachedResponse, Storability};
 use crate::client::{connect, Upstream, UpstreamError};
 use crate::http::{
     parse_request, write_error_response, write_forward_request, HttpError, RequestFraming,
-    RequestHead, Version,
+    RequestHead,
 };
+use crate::lookup::CacheStep;
 use crate::metrics::ErrorKind;
 use crate::relay::{relay_response, Relayed};
 use crate::shard::Shard;
@@ -203,45 +204,10 @@ async fn handle_request(
     client_ip: IpAddr,
     started: Instant,
 ) -> Next {
-    let buf = client.pending();
-    let cacheable = shard.cache.borrow().capacity() > 0
-        && head.framing == RequestFraming::None
-        && is_cacheable_request(head.method(buf), head.path(buf), head.has_authorization);
-    let mut candidate = None;
-    if cacheable {
-        let host = head.host_for_key(buf);
-        let target = head.path(buf);
-        let accept_encoding = head.header(buf, "accept-encoding");
-        let lookup = shard
-            .cache
-            .borrow_mut()
-            .get(host, target, accept_encoding, Instant::now());
-        match lookup {
-            Lookup::Hit(entry) => {
-                shard.metrics.cache_hits.inc();
-                let keep_alive = head.keep_alive && !shard.shutdown.is_fired();
-                let out = render_hit(&entry, head, keep_alive);
-                client.consume(head.head_len);
-                let ok = client.write_all(&out).await.is_ok();
-                shard
-                    .metrics
-                    .record_request(entry.status, started.elapsed());
-                return if ok && keep_alive {
-                    Next::KeepAlive
-                } else {
-                    Next::Close
-                };
-            }
-            Lookup::Miss => {
-                shard.metrics.cache_misses.inc();
-                candidate = Some(CacheCandidate {
-                    host: host.to_vec(),
-                    target: target.to_vec(),
-                    accept_encoding: accept_encoding.map(<[u8]>::to_vec),
-                });
-            }
-        }
-    }
+    let (candidate, _flight) = match crate::lookup::consult(shard, client, head, started).await {
+        CacheStep::Served(next) => return next,
+        CacheStep::Forward(candidate, flight) => (candidate, flight),
+    };
 
     // The request as the backend will see it, built once and replayed on retries.
     let mut request = Vec::with_capacity(head.head_len + 256);
@@ -480,43 +446,6 @@ impl Exchange<'_> {
         }
         relay_response(self, client, upstream, timeout, body_sent).await
     }
-}
-
-/// A cached response rendered for the client: stored headers plus Age and X-Cache.
-fn render_hit(entry: &CachedResponse, head: &RequestHead, keep_alive: bool) -> Vec<u8> {
-    use std::io::Write as _;
-    let body = if head.is_head {
-        &[][..]
-    } else {
-        &entry.body[..]
-    };
-    let mut out = Vec::with_capacity(256 + body.len());
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        entry.status,
-        crate::http::reason_phrase(entry.status)
-    );
-    for (name, value) in &entry.headers {
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
-    let _ = write!(
-        out,
-        "Age: {}\r\nX-Cache: HIT\r\nContent-Length: {}\r\n",
-        entry.age(Instant::now()),
-        entry.body.len()
-    );
-    if !keep_alive {
-        out.extend_from_slice(b"Connection: close\r\n");
-    } else if head.version == Version::Http10 {
-        out.extend_from_slice(b"Connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
-    out
 }
 
 /// Stores a completed response if the cache rules allow it.

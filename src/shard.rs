@@ -20,7 +20,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use log::{debug, info, warn};
 
 use crate::balancer::{Backend, Balancer, Pick};
-use crate::cache::{shard_capacity, Cache};
+use crate::cache::{shard_capacity, Cache, CacheKey};
 use crate::client::Pool;
 use crate::config::Config;
 use crate::metrics::{BackendStats, ShardMetrics};
@@ -169,6 +169,8 @@ pub struct Shard {
     pub metrics: Arc<ShardMetrics>,
     pub shutdown: Signal,
     pub active_connections: Cell<usize>,
+    /// Cache misses being fetched right now, by key: later misses wait for them.
+    pub flights: RefCell<HashMap<CacheKey, Rc<Signal>>>,
 }
 
 impl Shard {
@@ -292,6 +294,7 @@ pub fn start(
                     metrics: thread_metrics,
                     shutdown: Signal::default(),
                     active_connections: Cell::new(0),
+                    flights: RefCell::new(HashMap::new()),
                     config,
                 });
                 shard.apply(&initial);
