@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use log::{error, info, warn};
+use log::{info, warn};
 
 use balancer::admin::{self, Status};
 use balancer::config::{help_text, version_text, Config, ConfigError};
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
             Err(reason) => {
                 return config_error(&ConfigError::Invalid {
                     var: "BACKENDS",
-                    value: String::new(),
+                    value: std::env::var("BACKENDS").unwrap_or_default(),
                     reason,
                 })
             }
@@ -70,7 +70,6 @@ fn main() -> ExitCode {
     match run(config, initial) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            error!("{message}");
             eprintln!("balancer: {message}");
             ExitCode::from(1)
         }
