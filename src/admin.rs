@@ -68,8 +68,14 @@ impl Status {
 }
 
 /// Binds the admin listener on 127.0.0.1 only; it is never reachable from another host.
+/// `SO_REUSEPORT` (as on the HTTP port) lets a new process start beside a draining one.
 pub fn bind(port: u16) -> io::Result<TcpListener> {
-    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
 }
 
 /// Serves admin requests until the process exits.
