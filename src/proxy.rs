@@ -42,6 +42,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// keep reading (and discarding) them this long so the client sees our answer, not a reset.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// While draining, how long a just-accepted connection may take to send its first request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
 /// What happens to the client connection after a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
@@ -58,8 +61,11 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr
     let client_ip = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
     let mut client = Conn::new(stream, CLIENT_BUFFER);
     let mut head = RequestHead::default();
+    let mut first = true;
     loop {
-        let next = match read_head(shard, &mut client, &mut head).await {
+        let read = read_head(shard, &mut client, &mut head, first).await;
+        first = false;
+        let next = match read {
             HeadRead::Ready => {
                 let started = Instant::now();
                 handle_request(shard, &mut client, &head, client_ip, started).await
@@ -99,7 +105,12 @@ impl From<RequestTimeout> for HttpError {
 /// Reads until a complete head is buffered. Idle connections (no byte of a next request) wait
 /// up to CLIENT_IDLE_TIMEOUT and close silently, or at once on shutdown; a started head must
 /// complete within CLIENT_HEADER_TIMEOUT of its first byte.
-async fn read_head(shard: &Shard, client: &mut Conn, head: &mut RequestHead) -> HeadRead {
+async fn read_head(
+    shard: &Shard,
+    client: &mut Conn,
+    head: &mut RequestHead,
+    first: bool,
+) -> HeadRead {
     let config = &shard.config;
     let mut deadline = None;
     loop {
@@ -124,10 +135,18 @@ async fn read_head(shard: &Shard, client: &mut Conn, head: &mut RequestHead) -> 
                 }
                 Err(_) => return HeadRead::Closed,
             }
-        } else {
-            if shard.shutdown.is_fired() {
+        } else if shard.shutdown.is_fired() {
+            // Draining: idle connections close, but a connection accepted just before the
+            // listener closed still gets its first request served.
+            if !first {
                 return HeadRead::Closed;
             }
+            client.set_read_timeout(Some(config.client_idle_timeout.min(FIRST_REQUEST_GRACE)));
+            match client.fill(CLIENT_BUFFER_MAX).await {
+                Ok(n) if n > 0 => deadline = Some(Instant::now() + config.client_header_timeout),
+                _ => return HeadRead::Closed,
+            }
+        } else {
             client.set_read_timeout(Some(config.client_idle_timeout));
             let read = futures_lite::future::or(
                 async { Some(client.fill(CLIENT_BUFFER_MAX).await) },

@@ -363,20 +363,7 @@ async fn run(
         .await;
         match accepted {
             None => break,
-            Some(Ok(stream)) => {
-                let peer = stream.peer_addr().ok();
-                let shard = shard.clone();
-                glommio::spawn_local(async move {
-                    shard
-                        .active_connections
-                        .set(shard.active_connections.get() + 1);
-                    crate::proxy::serve(&shard, stream, peer).await;
-                    shard
-                        .active_connections
-                        .set(shard.active_connections.get() - 1);
-                })
-                .detach();
-            }
+            Some(Ok(stream)) => spawn_connection(&shard, stream),
             Some(Err(e)) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 warn!("accept failed on shard {}: {e}", shard.id);
@@ -384,8 +371,29 @@ async fn run(
             }
         }
     }
+    // Connections that completed the handshake before the listener closes would be reset
+    // with it: take them now and serve them like the rest.
+    while let Some(Ok(stream)) = futures_lite::future::poll_once(listener.accept()).await {
+        spawn_connection(&shard, stream);
+    }
     drop(listener);
     drain(&shard).await;
+}
+
+fn spawn_connection(shard: &Rc<Shard>, stream: glommio::net::TcpStream) {
+    let peer = stream.peer_addr().ok();
+    // Counted before the task first runs, so a drain starting right now waits for it.
+    shard
+        .active_connections
+        .set(shard.active_connections.get() + 1);
+    let shard = shard.clone();
+    glommio::spawn_local(async move {
+        crate::proxy::serve(&shard, stream, peer).await;
+        shard
+            .active_connections
+            .set(shard.active_connections.get() - 1);
+    })
+    .detach();
 }
 
 /// Lets in-flight requests finish (idle connections close as soon as they see the signal).

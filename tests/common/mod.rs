@@ -745,3 +745,199 @@ impl AgentConn {
         let _ = self.ws.flush();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Signals without waiting, fixed ports, raw backends, a WebSocket echo backend
+
+impl Balancer {
+    /// Sends a signal and returns at once (the process keeps draining meanwhile).
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status();
+    }
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1 (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Reads one request head (method, target, headers) as a backend would; None on EOF or error.
+pub fn read_request<R: BufRead>(r: &mut R) -> Option<(String, String, Vec<(String, String)>)> {
+    read_request_head(r).ok().flatten()
+}
+
+/// How a `RawBackend` serves one accepted connection (it owns the socket).
+pub type ConnHandler = Arc<dyn Fn(TcpStream) + Send + Sync>;
+
+/// A backend that hands each accepted connection to a test-written function, for exchanges
+/// the programmable `Backend` cannot express (answering before reading a body, and so on).
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    pub accepts: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RawBackend {
+    pub fn start(handler: ConnHandler) -> RawBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind raw backend");
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, st) = (accepts.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        a.fetch_add(1, SeqCst);
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(WAIT));
+                        let _ = conn.set_write_timeout(Some(WAIT));
+                        let h = handler.clone();
+                        std::thread::spawn(move || h(conn));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        RawBackend {
+            addr,
+            accepts,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A WebSocket echo server (tungstenite, one std thread per connection). It echoes text and
+/// binary messages; the text message `close` makes it start the closing handshake itself
+/// (code 1000, reason `bye`).
+pub struct WsEcho {
+    pub addr: SocketAddr,
+    /// Request headers of every accepted handshake.
+    pub handshakes: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    /// Closing handshakes the client started (its close frame arrived first).
+    pub closed_by_client: Arc<AtomicUsize>,
+    /// Closing handshakes this server started and the client acknowledged.
+    pub close_acknowledged: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WsEcho {
+    pub fn start() -> WsEcho {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind websocket backend");
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let handshakes = Arc::new(Mutex::new(Vec::new()));
+        let closed_by_client = Arc::new(AtomicUsize::new(0));
+        let close_acknowledged = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, c, k, st) = (
+            handshakes.clone(),
+            closed_by_client.clone(),
+            close_acknowledged.clone(),
+            stop.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            while !st.load(SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(WAIT));
+                        let _ = conn.set_write_timeout(Some(WAIT));
+                        let (h, c, k) = (h.clone(), c.clone(), k.clone());
+                        std::thread::spawn(move || ws_echo_conn(conn, h, c, k));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        WsEcho {
+            addr,
+            handshakes,
+            closed_by_client,
+            close_acknowledged,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for WsEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn ws_echo_conn(
+    conn: TcpStream,
+    handshakes: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    closed_by_client: Arc<AtomicUsize>,
+    close_acknowledged: Arc<AtomicUsize>,
+) {
+    use tungstenite::handshake::server::{Request, Response};
+    use tungstenite::protocol::frame::coding::CloseCode;
+    use tungstenite::protocol::CloseFrame;
+    use tungstenite::Message;
+    let record = |req: &Request, resp: Response| {
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        handshakes.lock().unwrap().push(headers);
+        Ok(resp)
+    };
+    let Ok(mut ws) = tungstenite::accept_hdr(conn, record) else {
+        return;
+    };
+    let mut we_closed = false;
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) if t.as_str() == "close" => {
+                we_closed = true;
+                let frame = CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "bye".into(),
+                };
+                if ws.close(Some(frame)).is_err() {
+                    return;
+                }
+            }
+            Ok(m @ (Message::Text(_) | Message::Binary(_))) => {
+                if ws.send(m).is_err() {
+                    return;
+                }
+            }
+            Ok(Message::Close(_)) => {
+                if we_closed {
+                    close_acknowledged.fetch_add(1, SeqCst);
+                } else {
+                    closed_by_client.fetch_add(1, SeqCst);
+                }
+                // Flushes the reply (if any); the server closes TCP first (RFC 6455).
+                let _ = ws.flush();
+                return;
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
