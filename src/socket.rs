@@ -217,14 +217,17 @@ impl AgentLink {
             Ok(set) => set,
             Err(rejection) => return self.reject(&rejection.to_string()),
         };
+        let parsed = arrived.elapsed();
         let backends = match resolve(&set) {
             Ok(b) => b,
             Err(reason) => return self.reject(&reason),
         };
+        let resolved = arrived.elapsed();
         let version = self.status.global.server_set_version.get() + 1;
         let servers = backends.len();
         self.apply(Arc::new(Update { version, backends }), set);
         *delivered = true;
+        info!("TIMING parse={}us resolve={}us", parsed.as_micros(), (resolved-parsed).as_micros());
         info!(
             "applied server set version={version} servers={servers} propagation={}us",
             arrived.elapsed().as_micros()
@@ -244,6 +247,7 @@ impl AgentLink {
         while pending.iter().any(|p| *p) {
             match self.acks.recv_timeout(TICK) {
                 Ok((shard, v)) if v >= version => {
+                    info!("TIMING ack shard={shard} at={}us", started.elapsed().as_micros());
                     if let Some(p) = pending.get_mut(shard) {
                         *p = false;
                     }
@@ -261,6 +265,8 @@ impl AgentLink {
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
         }
+        let p = Instant::now();
         self.status.publish_set(version, set);
+        info!("TIMING publish={}us", p.elapsed().as_micros());
     }
 }

@@ -1,0 +1,227 @@
+//! Black-box configuration: `--help`, `--version`, exit statuses and messages for missing and
+//! invalid variables, a port in use, and the `listening on` / `admin on` lines (SPEC §3).
+
+mod common;
+
+use std::net::TcpListener;
+
+use common::*;
+
+/// Every variable of SPEC §3.
+const VARIABLES: &[&str] = &[
+    "HOST_PORT_HTTP_BALANCER",
+    "BALANCER_BIND",
+    "HOST_PORT_WS_DEPLOYMENT_AGENT",
+    "DEPLOYMENT_AGENT_HOST",
+    "DEPLOYMENT_AGENT_PATH",
+    "TARGET_PORT",
+    "BACKENDS",
+    "CACHE_CAPACITY",
+    "CACHE_TTL",
+    "CACHE_MAX_OBJECT_BYTES",
+    "REQUEST_TIMEOUT",
+    "CLIENT_HEADER_TIMEOUT",
+    "CLIENT_IDLE_TIMEOUT",
+    "AGENT_BACKOFF_MAX",
+    "BALANCER_CPUS",
+    "ADMIN_PORT",
+    "RUST_LOG",
+];
+
+/// A configuration that would start: free ports, one CPU, an empty static server set.
+/// `overrides` replace or add variables.
+fn env_with<'a>(overrides: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env: Vec<(&str, &str)> = vec![
+        ("HOST_PORT_HTTP_BALANCER", "0"),
+        ("BALANCER_BIND", "127.0.0.1"),
+        ("ADMIN_PORT", "0"),
+        ("BALANCER_CPUS", "0"),
+        ("BACKENDS", "[]"),
+        ("RUST_LOG", "info"),
+    ];
+    for (k, v) in overrides {
+        env.retain(|(name, _)| name != k);
+        env.push((k, v));
+    }
+    env
+}
+
+fn non_empty_lines(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+/// Splits on everything but ASCII letters and digits, so `entry 2` and `[2]` both give `2`.
+fn words(text: &str) -> Vec<&str> {
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+#[test]
+fn help_lists_every_variable_and_exits_zero() {
+    let (code, out, err) = run_to_exit(&[], &["--help"]);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    for var in VARIABLES {
+        assert!(out.contains(var), "--help does not mention {var}:\n{out}");
+    }
+}
+
+#[test]
+fn version_prints_the_crate_version_and_exits_zero() {
+    let (code, out, err) = run_to_exit(&[], &["--version"]);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert!(
+        out.contains(env!("CARGO_PKG_VERSION")),
+        "--version printed {out:?}"
+    );
+}
+
+#[test]
+fn no_agent_and_no_backends_exits_2_naming_both_variables() {
+    let mut env = env_with(&[]);
+    env.retain(|(k, _)| *k != "BACKENDS");
+    let (code, _, err) = run_to_exit(&env, &[]);
+    assert_eq!(code, Some(2), "stderr: {err}");
+    let lines = non_empty_lines(&err);
+    assert_eq!(lines.len(), 1, "one line on stderr: {err:?}");
+    assert!(
+        lines[0].contains("HOST_PORT_WS_DEPLOYMENT_AGENT") && lines[0].contains("BACKENDS"),
+        "the line names both variables: {err:?}"
+    );
+}
+
+#[test]
+fn each_invalid_value_exits_2_naming_the_variable_and_the_value() {
+    let cases: &[(&str, &str)] = &[
+        ("HOST_PORT_HTTP_BALANCER", "70000"),
+        ("HOST_PORT_HTTP_BALANCER", "http"),
+        ("BALANCER_BIND", "not-an-ip"),
+        ("BALANCER_BIND", "300.1.2.3"),
+        ("HOST_PORT_WS_DEPLOYMENT_AGENT", "99999"),
+        ("TARGET_PORT", "0"),
+        ("BACKENDS", "not json"),
+        ("CACHE_CAPACITY", "-1"),
+        ("CACHE_TTL", "abc"),
+        ("CACHE_MAX_OBJECT_BYTES", "lots"),
+        ("REQUEST_TIMEOUT", "0"),
+        ("CLIENT_HEADER_TIMEOUT", "-5"),
+        ("CLIENT_IDLE_TIMEOUT", "soon"),
+        ("AGENT_BACKOFF_MAX", "forever"),
+        ("BALANCER_CPUS", "999"),
+        ("BALANCER_CPUS", "3-1"),
+        ("ADMIN_PORT", "x"),
+        ("ADMIN_PORT", "65536"),
+    ];
+    let mut failures = Vec::new();
+    for &(var, value) in cases {
+        let (code, _, err) = run_to_exit(&env_with(&[(var, value)]), &[]);
+        let named = err.lines().any(|l| l.contains(var) && l.contains(value));
+        if code != Some(2) || !named {
+            failures.push(format!("{var}={value:?}: exit {code:?}, stderr {err:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "bad handling of invalid values:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn a_bad_backends_entry_is_reported_with_its_index_field_and_value() {
+    let backends = r#"[{"host":"127.0.0.1","port":8001,"score":1},
+                       {"host":"127.0.0.1","port":8002,"score":1},
+                       {"host":"127.0.0.1","port":8003,"score":"heavy"}]"#;
+    let (code, _, err) = run_to_exit(&env_with(&[("BACKENDS", backends)]), &[]);
+    assert_eq!(code, Some(2), "stderr: {err}");
+    let lines = non_empty_lines(&err);
+    assert_eq!(lines.len(), 1, "one line on stderr: {err:?}");
+    let line = lines[0];
+    assert!(line.contains("BACKENDS"), "names the variable: {line}");
+    assert!(line.contains("score"), "names the field: {line}");
+    assert!(line.contains("heavy"), "quotes the value: {line}");
+    assert!(
+        words(line).contains(&"2"),
+        "gives the 0-based index 2: {line}"
+    );
+}
+
+#[test]
+fn a_negative_backends_score_is_reported_with_its_index_field_and_value() {
+    let backends = r#"[{"host":"127.0.0.1","port":8001,"score":-3}]"#;
+    let (code, _, err) = run_to_exit(&env_with(&[("BACKENDS", backends)]), &[]);
+    assert_eq!(code, Some(2), "stderr: {err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("BACKENDS"))
+        .unwrap_or_else(|| panic!("{err:?}"));
+    assert!(line.contains("score") && line.contains("-3"), "{line}");
+    assert!(
+        words(line).contains(&"0"),
+        "gives the 0-based index 0: {line}"
+    );
+}
+
+#[test]
+fn an_http_port_in_use_exits_1_saying_so() {
+    // A plain listener without SO_REUSEPORT, so the balancer cannot share the port.
+    let holder = TcpListener::bind("127.0.0.1:0").expect("bind a port to hold");
+    let port = holder.local_addr().unwrap().port().to_string();
+    let (code, _, err) = run_to_exit(&env_with(&[("HOST_PORT_HTTP_BALANCER", &port)]), &[]);
+    assert_eq!(code, Some(1), "stderr: {err}");
+    assert!(
+        err.lines()
+            .any(|l| l.to_ascii_lowercase().contains("in use") && l.contains(&port)),
+        "a line says port {port} is in use: {err}"
+    );
+    drop(holder);
+}
+
+#[test]
+fn admin_port_off_starts_without_an_admin_listener_and_still_serves() {
+    let a = Backend::named("a");
+    let lb = Balancer::start(&[
+        ("ADMIN_PORT", "off"),
+        ("BACKENDS", &server_set(&[(a.addr, 1.0)])),
+    ]);
+    assert!(lb.admin.is_none());
+    let resp = get(lb.addr, "/");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "a");
+    assert!(
+        !lb.log_text().contains("admin on"),
+        "no admin line when ADMIN_PORT=off:\n{}",
+        lb.log_text()
+    );
+}
+
+#[test]
+fn the_listening_line_shows_the_real_port_when_zero_is_asked() {
+    let a = Backend::named("a");
+    let lb = Balancer::start(&[("BACKENDS", &server_set(&[(a.addr, 1.0)]))]);
+    assert_ne!(lb.addr.port(), 0, "port 0 is resolved in the log line");
+    assert_eq!(get(lb.addr, "/").status, 200, "the logged address serves");
+    let admin = lb.admin.expect("admin line");
+    assert_ne!(admin.port(), 0);
+    assert_eq!(
+        lb.admin_get("/healthz").0,
+        200,
+        "the logged admin address serves"
+    );
+}
+
+#[test]
+fn the_listening_line_shows_a_configured_port() {
+    let a = Backend::named("a");
+    let port = {
+        let probe = TcpListener::bind("127.0.0.1:0").expect("find a free port");
+        probe.local_addr().unwrap().port()
+    };
+    let port_text = port.to_string();
+    let lb = Balancer::start(&[
+        ("HOST_PORT_HTTP_BALANCER", &port_text),
+        ("BACKENDS", &server_set(&[(a.addr, 1.0)])),
+    ]);
+    assert_eq!(lb.addr.port(), port);
+    assert_eq!(get(lb.addr, "/").status, 200);
+}

@@ -1,0 +1,495 @@
+//! Black-box error handling: the balancer's own answers (503, 502, 504), the retry rules, and
+//! backends that fail mid-response or close pooled connections (SPEC §6).
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+/// An address on 127.0.0.1 where nothing listens: connecting is refused.
+fn refused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a probe listener");
+    listener.local_addr().expect("probe address")
+}
+
+fn start_with(servers: &[(SocketAddr, f64)]) -> Balancer {
+    Balancer::start(&[("BACKENDS", &server_set(servers))])
+}
+
+fn closing() -> Handler {
+    Arc::new(|_| Reply::Close)
+}
+
+/// The targets a backend saw, with how many times each.
+fn targets(backend: &Backend) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for seen in backend.seen.lock().unwrap().iter() {
+        *out.entry(seen.target.clone()).or_insert(0) += 1;
+    }
+    out
+}
+
+/// Reads until the peer closes. Panics if nothing closes the connection within the read
+/// timeout (a hang); a reset counts as closed.
+fn read_until_closed<R: Read>(r: &mut R) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("the client connection hung after {} body bytes", out.len())
+            }
+            Err(_) => return out,
+        }
+    }
+}
+
+/// Whether a chunked body contains its terminating zero-size chunk.
+fn has_last_chunk(mut body: &[u8]) -> bool {
+    loop {
+        let Some(eol) = body.windows(2).position(|w| w == b"\r\n") else {
+            return false;
+        };
+        let line = String::from_utf8_lossy(&body[..eol]);
+        let Ok(size) = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+        else {
+            return false;
+        };
+        if size == 0 {
+            return true;
+        }
+        let next = eol + 2 + size + 2;
+        if body.len() < next {
+            return false;
+        }
+        body = &body[next..];
+    }
+}
+
+#[test]
+fn an_empty_server_set_answers_503_with_a_short_text_body() {
+    let lb = Balancer::start(&[("BACKENDS", "[]")]);
+    let resp = get(lb.addr, "/nothing");
+    assert_eq!(resp.status, 503);
+    let content_type = resp.header("content-type").unwrap_or("");
+    assert!(
+        content_type.starts_with("text/plain"),
+        "content-type {content_type:?}"
+    );
+    assert!(
+        !resp.body.is_empty() && resp.body.len() < 1024,
+        "body {:?}",
+        resp.text()
+    );
+}
+
+#[test]
+fn every_backend_refusing_connections_answers_502() {
+    let lb = start_with(&[(refused_addr(), 1.0), (refused_addr(), 1.0)]);
+    for i in 0..5 {
+        let resp = get(lb.addr, &format!("/refused/{i}"));
+        assert_eq!(resp.status, 502, "request {i}: {}", resp.text());
+        assert!(resp.body.len() < 1024);
+        assert!(resp
+            .header("content-type")
+            .unwrap_or("")
+            .starts_with("text/plain"));
+    }
+}
+
+#[test]
+fn a_backend_that_never_answers_gets_504_after_the_request_timeout() {
+    let slow = Backend::start(Arc::new(|_| {
+        Reply::Delay(Duration::from_secs(6), Box::new(Reply::Bytes(ok(b"late"))))
+    }));
+    let lb = Balancer::start(&[
+        ("BACKENDS", &server_set(&[(slow.addr, 1.0)])),
+        ("REQUEST_TIMEOUT", "1"),
+    ]);
+    let resp = get(lb.addr, "/slow");
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    assert!(resp.body.len() < 1024);
+    assert_eq!(slow.requests(), 1);
+}
+
+#[test]
+fn a_get_the_backend_closes_without_answering_is_retried_on_another_server() {
+    let closer = Backend::start(closing());
+    let good = Backend::named("good");
+    let lb = start_with(&[(closer.addr, 1.0), (good.addr, 1.0)]);
+    let n = 20;
+    for i in 0..n {
+        let resp = get(lb.addr, &format!("/get/{i}"));
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+        assert_eq!(resp.text(), "good");
+    }
+    let closer_saw = targets(&closer);
+    let good_saw = targets(&good);
+    assert!(
+        !closer_saw.is_empty(),
+        "the closing server was tried at least once"
+    );
+    for (target, times) in &closer_saw {
+        assert_eq!(*times, 1, "{target} reached the closing server once");
+    }
+    for i in 0..n {
+        assert_eq!(good_saw.get(&format!("/get/{i}")), Some(&1), "{good_saw:?}");
+    }
+}
+
+#[test]
+fn a_post_with_a_body_the_backend_closes_on_is_not_retried() {
+    let closer = Backend::start(closing());
+    let good = Backend::named("good");
+    // The closing server is picked first almost always, before it is ejected.
+    let lb = start_with(&[(closer.addr, 9.0), (good.addr, 1.0)]);
+    let mut reached_closer = 0;
+    for i in 0..10 {
+        let target = format!("/post/{i}");
+        let body = "name=value&n=1";
+        let resp = request(
+            lb.addr,
+            &format!(
+                "POST {target} HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        let closer_saw = targets(&closer).contains_key(&target);
+        let good_saw = targets(&good).contains_key(&target);
+        if closer_saw {
+            reached_closer += 1;
+            assert_eq!(
+                resp.status,
+                502,
+                "{target} hit the closing server: {}",
+                resp.text()
+            );
+            assert!(!good_saw, "{target} was replayed on the other server");
+        } else {
+            assert_eq!(
+                resp.status, 200,
+                "{target} went straight to the good server"
+            );
+        }
+    }
+    assert!(
+        reached_closer > 0,
+        "no POST was routed to the closing server"
+    );
+}
+
+#[test]
+fn a_request_reaches_at_most_three_servers() {
+    let backends: Vec<Backend> = (0..4).map(|_| Backend::start(closing())).collect();
+    let servers: Vec<(SocketAddr, f64)> = backends.iter().map(|b| (b.addr, 1.0)).collect();
+    let lb = start_with(&servers);
+    for i in 0..8 {
+        let target = format!("/retry/{i}");
+        let resp = get(lb.addr, &target);
+        assert_eq!(resp.status, 502, "{target}: {}", resp.text());
+        let reached: Vec<usize> = backends
+            .iter()
+            .map(|b| targets(b).get(&target).copied().unwrap_or(0))
+            .collect();
+        assert!(
+            reached.iter().all(|&n| n <= 1),
+            "{target} was retried on a server already tried: {reached:?}"
+        );
+        let servers_tried = reached.iter().sum::<usize>();
+        assert!(
+            servers_tried <= 3,
+            "{target} reached {servers_tried} servers: {reached:?}"
+        );
+        if i == 0 {
+            // Nothing is ejected yet, so a GET is tried once and retried twice.
+            assert_eq!(servers_tried, 3, "{target} reached {reached:?}");
+        }
+    }
+}
+
+#[test]
+fn a_malformed_backend_response_answers_502() {
+    let garbage = Backend::start(Arc::new(|_| {
+        Reply::Bytes(b"NOT-HTTP garbage here\r\nno: status line\r\n\r\n".to_vec())
+    }));
+    let lb = start_with(&[(garbage.addr, 1.0)]);
+    let resp = get(lb.addr, "/garbage");
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert!(resp.body.len() < 1024);
+}
+
+#[test]
+fn a_backend_dying_mid_body_closes_the_client_connection_short() {
+    let declared = 100_000;
+    let dying = Backend::start(Arc::new(move |_| {
+        let mut bytes =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\n\r\n").into_bytes();
+        bytes.extend_from_slice(&pattern(1000, 7));
+        Reply::BytesThenClose(bytes)
+    }));
+    let lb = start_with(&[(dying.addr, 1.0)]);
+    let mut client = connect(lb.addr);
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(client);
+    let (status, headers) = read_head(&mut reader).expect("a response head");
+    let body = read_until_closed(&mut reader);
+    if status == 200 {
+        let length = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.as_str());
+        assert_eq!(length, Some("100000"), "the backend's length is forwarded");
+        assert!(
+            body.len() < declared,
+            "got {} of {declared} bytes",
+            body.len()
+        );
+        assert_eq!(
+            &body[..],
+            &pattern(1000, 7)[..body.len()],
+            "the bytes that arrived are right"
+        );
+    } else {
+        assert_eq!(
+            status, 502,
+            "either the head was forwarded or the balancer answered 502"
+        );
+    }
+}
+
+#[test]
+fn a_backend_dying_mid_chunked_body_never_sends_the_last_chunk() {
+    let dying = Backend::start(Arc::new(|_| {
+        let mut bytes = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for seed in 0..2 {
+            bytes.extend_from_slice(b"400\r\n");
+            bytes.extend_from_slice(&pattern(1024, seed));
+            bytes.extend_from_slice(b"\r\n");
+        }
+        Reply::BytesThenClose(bytes)
+    }));
+    let lb = start_with(&[(dying.addr, 1.0)]);
+    let mut client = connect(lb.addr);
+    client
+        .write_all(b"GET /chunks HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(client);
+    let (status, headers) = read_head(&mut reader).expect("a response head");
+    let body = read_until_closed(&mut reader);
+    if status == 200 {
+        let chunked = headers.iter().any(|(n, v)| {
+            n.eq_ignore_ascii_case("transfer-encoding")
+                && v.to_ascii_lowercase().contains("chunked")
+        });
+        assert!(
+            chunked,
+            "a chunked response stays chunked, so truncation shows: {headers:?}"
+        );
+        assert!(!has_last_chunk(&body), "the client got a terminating chunk");
+    } else {
+        assert_eq!(
+            status, 502,
+            "either the head was forwarded or the balancer answered 502"
+        );
+    }
+}
+
+#[test]
+fn gets_on_connections_the_backend_closed_while_pooled_never_fail() {
+    // Keep-alive answers (no `Connection: close`), but the backend closes right after each.
+    let backend = Backend::start(Arc::new(|_| Reply::BytesThenClose(ok(b"fine"))));
+    let lb = start_with(&[(backend.addr, 1.0)]);
+    let client = connect(lb.addr);
+    let mut writer = client.try_clone().unwrap();
+    let mut reader = BufReader::new(client);
+    for i in 0..50 {
+        writer
+            .write_all(format!("GET /pooled/{i} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+            .unwrap();
+        let resp = read_response(&mut reader, false)
+            .unwrap_or_else(|| panic!("no response to request {i}"));
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+        assert_eq!(resp.text(), "fine");
+    }
+    assert_eq!(backend.requests(), 50);
+}
+
+#[test]
+fn posts_on_connections_the_backend_closed_while_pooled_never_fail() {
+    let backend = Backend::start(Arc::new(|_| {
+        let mut reply = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n".to_vec();
+        reply.extend_from_slice(b"done");
+        Reply::BytesThenClose(reply)
+    }));
+    let lb = start_with(&[(backend.addr, 1.0)]);
+    let client = connect(lb.addr);
+    let mut writer = client.try_clone().unwrap();
+    let mut reader = BufReader::new(client);
+    for i in 0..50 {
+        let body = format!("payload {i}");
+        writer
+            .write_all(
+                format!(
+                    "POST /pooled/{i} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+        let resp = read_response(&mut reader, false)
+            .unwrap_or_else(|| panic!("no response to request {i}"));
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+        assert_eq!(resp.text(), "done");
+    }
+    assert_eq!(backend.requests(), 50);
+}
+
+/// Sends `method` (with `Content-Length: len(body)` when `body` is given) through a balancer
+/// whose likely first pick closes without answering, until one request reaches it; returns that
+/// request's status and whether the other server saw it too.
+fn outcome_after_a_close(method: &str, body: Option<&str>) -> Option<(u16, bool)> {
+    let closer = Backend::start(closing());
+    let good = Backend::start(Arc::new(|seen: &Seen| {
+        if seen.method == "HEAD" {
+            Reply::Bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n".to_vec())
+        } else {
+            Reply::Bytes(ok(b"good"))
+        }
+    }));
+    // The closing server is picked first almost always (and is ejected only after 3 failures).
+    let lb = start_with(&[(closer.addr, 9.0), (good.addr, 1.0)]);
+    let framing = body.map_or(String::new(), |b| {
+        format!("Content-Length: {}\r\n", b.len())
+    });
+    for attempt in 0..5 {
+        let target = format!("/{method}/{attempt}");
+        let resp = request(
+            lb.addr,
+            &format!(
+                "{method} {target} HTTP/1.1\r\nHost: test\r\n{framing}Connection: close\r\n\r\n{}",
+                body.unwrap_or("")
+            ),
+        );
+        if targets(&closer).contains_key(&target) {
+            return Some((resp.status, targets(&good).contains_key(&target)));
+        }
+    }
+    None
+}
+
+/// Checks each (method, body) case against the expected (status, replayed on the other server).
+fn check_close_outcomes(cases: &[(&str, Option<&str>)], expected: (u16, bool)) {
+    let mut failures = Vec::new();
+    for &(method, body) in cases {
+        match outcome_after_a_close(method, body) {
+            Some(got) if got == expected => {}
+            Some((status, replayed)) => failures.push(format!(
+                "{method} with body {body:?}: status {status}, replayed on the other server: \
+                 {replayed}; expected {expected:?}"
+            )),
+            None => failures.push(format!("{method}: never routed to the closing server")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn idempotent_requests_without_a_body_are_retried_after_a_close() {
+    check_close_outcomes(
+        &[
+            ("GET", None),
+            ("HEAD", None),
+            ("OPTIONS", None),
+            ("DELETE", None),
+            ("PUT", None),
+        ],
+        (200, true),
+    );
+}
+
+#[test]
+fn an_empty_content_length_body_does_not_prevent_a_retry() {
+    // `Content-Length: 0` declares zero-length content: the request has no body (RFC 9110 §8.6).
+    check_close_outcomes(
+        &[("GET", Some("")), ("PUT", Some("")), ("DELETE", Some(""))],
+        (200, true),
+    );
+}
+
+#[test]
+fn requests_with_a_body_or_unsafe_methods_are_not_retried_after_a_close() {
+    check_close_outcomes(
+        &[
+            ("PUT", Some("replace=1")),
+            ("DELETE", Some("reason=x")),
+            ("POST", None),
+            ("POST", Some("a=1")),
+            ("PATCH", Some("b=2")),
+        ],
+        (502, false),
+    );
+}
+
+#[test]
+fn large_uploads_on_connections_the_backend_closed_while_pooled_never_fail() {
+    // Bodies too large to buffer for a replay, so the pool must not hand out a dead connection.
+    let backend = Backend::start(Arc::new(|_| Reply::BytesThenClose(ok(b"stored"))));
+    let lb = start_with(&[(backend.addr, 1.0)]);
+    let client = connect(lb.addr);
+    let mut writer = client.try_clone().unwrap();
+    let mut reader = BufReader::new(client);
+    let len = 256 * 1024;
+    for i in 0..10 {
+        let body = pattern(len, i);
+        writer
+            .write_all(
+                format!("PUT /upload/{i} HTTP/1.1\r\nHost: test\r\nContent-Length: {len}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .unwrap();
+        writer.write_all(&body).unwrap();
+        let resp = read_response(&mut reader, false)
+            .unwrap_or_else(|| panic!("no response to upload {i}"));
+        assert_eq!(resp.status, 200, "upload {i}: {}", resp.text());
+        let seen = backend.last_seen().expect("the backend saw the upload");
+        assert_eq!(
+            (seen.body_len, seen.body_hash),
+            (len, hash(&body)),
+            "upload {i}"
+        );
+    }
+    assert_eq!(backend.requests(), 10);
+}
+
+#[test]
+fn chunked_uploads_on_connections_the_backend_closed_while_pooled_never_fail() {
+    let backend = Backend::start(Arc::new(|_| Reply::BytesThenClose(ok(b"stored"))));
+    let lb = start_with(&[(backend.addr, 1.0)]);
+    let client = connect(lb.addr);
+    let mut writer = client.try_clone().unwrap();
+    let mut reader = BufReader::new(client);
+    for i in 0..20 {
+        writer
+            .write_all(
+                format!(
+                    "POST /chunked/{i} HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+        let resp = read_response(&mut reader, false)
+            .unwrap_or_else(|| panic!("no response to upload {i}"));
+        assert_eq!(resp.status, 200, "upload {i}: {}", resp.text());
+    }
+    assert_eq!(backend.requests(), 20);
+}
