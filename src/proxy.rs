@@ -191,7 +191,7 @@ async fn linger(client: &mut Conn) {
         if left.is_zero() {
             break;
         }
-        client.consume(usize::MAX);
+        client.clear();
         client.set_read_timeout(Some(left));
         match client.fill(CLIENT_BUFFER).await {
             Ok(0) | Err(_) => break,

@@ -7,7 +7,7 @@ use crate::body::ChunkedDecoder;
 use crate::cache::{Storability, StoredHeader};
 use crate::client::{Upstream, UpstreamError};
 use crate::http::{
-    is_hop_by_hop, parse_response, write_response_head, RequestFraming, ResponseFraming,
+    parse_response, write_response_head, RequestFraming, ResponseFraming,
     ResponseHead, ResponseOptions, Version,
 };
 use crate::metrics::ErrorKind;
@@ -263,9 +263,10 @@ pub async fn relay_response(
             vary_accept_encoding,
         } = cache_decision(shard, status, &headers, body_len)
         {
+            // Unfiltered: the cache strips hop-by-hop fields itself, including those that
+            // this response's Connection header names.
             let kept = headers
                 .iter()
-                .filter(|(name, _)| !is_hop_by_hop(name))
                 .map(|(n, v)| (Box::from(*n), Box::from(*v)))
                 .collect::<Vec<StoredHeader>>();
             store_plan = Some(StorePlan {
@@ -480,7 +481,7 @@ async fn switch_protocols(
     write_response_head(resp, upstream.conn.pending(), &opts, &mut out);
     upstream.conn.consume(resp.head_len);
     out.extend_from_slice(upstream.conn.pending());
-    upstream.conn.consume(usize::MAX);
+    upstream.conn.clear();
     ex.shard.metrics.record_request(101, ex.started.elapsed());
     if client.write_all(&out).await.is_err() {
         return Relayed::cut_short(101, None);

@@ -35,11 +35,17 @@ impl Conn {
     }
 
     pub fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
+        self.start = self.start.saturating_add(n).min(self.end);
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
         }
+    }
+
+    /// Drops every pending byte.
+    pub fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
     }
 
     /// Reads more bytes after the pending ones, growing the buffer (up to `max_capacity`) only

@@ -1,0 +1,173 @@
+//! Request and response bodies stream through byte for byte: large uploads and downloads with
+//! Content-Length or chunked framing, small bodies, and `Expect: 100-continue`.
+
+mod common;
+
+use std::io::{BufReader, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+
+use common::*;
+
+const BIG: usize = 50 * 1024 * 1024;
+
+/// One backend behind one balancer.
+fn proxy(handler: Handler) -> (Backend, Balancer) {
+    let backend = Backend::start(handler);
+    let set = server_set(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::start(&[("BACKENDS", set.as_str())]);
+    (backend, balancer)
+}
+
+/// A backend that answers every request with `200 stored` once it has read the body.
+fn store() -> Handler {
+    Arc::new(|_: &Seen| Reply::Bytes(ok(b"stored")))
+}
+
+fn open(balancer: &Balancer) -> (TcpStream, BufReader<TcpStream>) {
+    let stream = connect(balancer.addr);
+    let writer = stream.try_clone().expect("clone client stream");
+    (writer, BufReader::new(stream))
+}
+
+/// Asserts the backend saw exactly `body`.
+fn assert_backend_got(backend: &Backend, body: &[u8]) {
+    let seen = backend.last_seen().expect("backend saw the request");
+    assert_eq!(seen.body_len, body.len(), "body length at the backend");
+    assert_eq!(seen.body_hash, hash(body), "body bytes at the backend");
+}
+
+#[test]
+fn a_50_mib_upload_with_content_length_arrives_intact() {
+    let (backend, balancer) = proxy(store());
+    let body = pattern(BIG, 1);
+    let (mut writer, mut reader) = open(&balancer);
+    writer
+        .write_all(
+            format!("PUT /upload HTTP/1.1\r\nHost: test\r\nContent-Length: {BIG}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    writer
+        .write_all(&body)
+        .expect("the balancer takes the whole body");
+    let resp = read_response(&mut reader, false).expect("a response to the upload");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.text(), "stored");
+    assert_backend_got(&backend, &body);
+}
+
+#[test]
+fn a_50_mib_chunked_upload_arrives_intact() {
+    let (backend, balancer) = proxy(store());
+    let body = pattern(BIG, 2);
+    let (mut writer, mut reader) = open(&balancer);
+    writer
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap();
+    // Uneven chunk sizes, so chunk boundaries fall anywhere in the balancer's buffers.
+    let sizes = [1, 4096, 65536, 100_003, 7, 1 << 20];
+    let mut sent = 0;
+    let mut i = 0;
+    while sent < body.len() {
+        let n = sizes[i % sizes.len()].min(body.len() - sent);
+        writer.write_all(format!("{n:x}\r\n").as_bytes()).unwrap();
+        writer.write_all(&body[sent..sent + n]).unwrap();
+        writer.write_all(b"\r\n").unwrap();
+        sent += n;
+        i += 1;
+    }
+    writer.write_all(b"0\r\n\r\n").unwrap();
+    let resp = read_response(&mut reader, false).expect("a response to the upload");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_backend_got(&backend, &body);
+}
+
+#[test]
+fn a_50_mib_download_with_content_length_arrives_intact() {
+    let (_backend, balancer) = proxy(Arc::new(|_: &Seen| {
+        Reply::Stream {
+        head: format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\nContent-Type: application/octet-stream\r\n\r\n")
+            .into_bytes(),
+        len: BIG,
+        seed: 3,
+        chunked: false,
+    }
+    }));
+    let (mut writer, mut reader) = open(&balancer);
+    writer
+        .write_all(b"GET /download HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut reader, false).expect("a complete download");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body.len(), BIG, "body length");
+    assert_eq!(hash(&resp.body), hash(&pattern(BIG, 3)), "body bytes");
+}
+
+#[test]
+fn a_50_mib_chunked_download_arrives_intact() {
+    let (_backend, balancer) = proxy(Arc::new(|_: &Seen| {
+        Reply::Stream {
+        head: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/octet-stream\r\n\r\n"
+            .to_vec(),
+        len: BIG,
+        seed: 4,
+        chunked: true,
+    }
+    }));
+    let (mut writer, mut reader) = open(&balancer);
+    writer
+        .write_all(b"GET /download HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut reader, false).expect("a complete download");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body.len(), BIG, "body length");
+    assert_eq!(hash(&resp.body), hash(&pattern(BIG, 4)), "body bytes");
+}
+
+#[test]
+fn a_small_post_body_arrives_intact() {
+    let (backend, balancer) = proxy(store());
+    let body = pattern(1024, 5);
+    let (mut writer, mut reader) = open(&balancer);
+    writer
+        .write_all(b"POST /form HTTP/1.1\r\nHost: test\r\nContent-Length: 1024\r\n\r\n")
+        .unwrap();
+    writer.write_all(&body).unwrap();
+    let resp = read_response(&mut reader, false).expect("a response to the POST");
+    assert_eq!(resp.status, 200);
+    assert_backend_got(&backend, &body);
+}
+
+/// Sends a head with `Expect: 100-continue`, waits for `100 Continue` before the body, then
+/// expects a 200 and the body intact at the backend.
+fn upload_after_continue(len: usize, seed: u64) {
+    let (backend, balancer) = proxy(store());
+    let body = pattern(len, seed);
+    let (mut writer, mut reader) = open(&balancer);
+    writer
+        .write_all(
+            format!("PUT /expect HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: {len}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let (status, _) = read_head(&mut reader).expect("an interim response before the body is sent");
+    assert_eq!(
+        status, 100,
+        "the client is told to continue before it sends the body"
+    );
+    writer.write_all(&body).unwrap();
+    let resp = read_response(&mut reader, false).expect("a final response");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_backend_got(&backend, &body);
+}
+
+#[test]
+fn an_expect_100_continue_upload_gets_100_then_200_with_the_body_intact() {
+    upload_after_continue(1024 * 1024, 6);
+}
+
+#[test]
+fn a_small_expect_100_continue_upload_gets_100_then_200_with_the_body_intact() {
+    upload_after_continue(1024, 7);
+}
