@@ -160,6 +160,8 @@ async fn read_head(
                 Some(Ok(n)) if n > 0 => {
                     deadline = Some(Instant::now() + config.client_header_timeout)
                 }
+                // Shutdown while waiting for a first request: the grace branch above serves it.
+                None if first => continue,
                 _ => return HeadRead::Closed,
             }
         }

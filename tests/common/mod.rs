@@ -765,7 +765,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Reads one request head (method, target, headers) as a backend would; None on EOF or error.
-pub fn read_request<R: BufRead>(r: &mut R) -> Option<(String, String, Vec<(String, String)>)> {
+pub fn read_request<R: BufRead>(r: &mut R) -> Option<RequestHeadParts> {
     read_request_head(r).ok().flatten()
 }
 
@@ -822,13 +822,16 @@ impl Drop for RawBackend {
     }
 }
 
+/// Request headers of each WebSocket handshake a `WsEcho` accepted.
+pub type HandshakeLog = Arc<Mutex<Vec<Vec<(String, String)>>>>;
+
 /// A WebSocket echo server (tungstenite, one std thread per connection). It echoes text and
 /// binary messages; the text message `close` makes it start the closing handshake itself
 /// (code 1000, reason `bye`).
 pub struct WsEcho {
     pub addr: SocketAddr,
     /// Request headers of every accepted handshake.
-    pub handshakes: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    pub handshakes: HandshakeLog,
     /// Closing handshakes the client started (its close frame arrived first).
     pub closed_by_client: Arc<AtomicUsize>,
     /// Closing handshakes this server started and the client acknowledged.
@@ -886,9 +889,11 @@ impl Drop for WsEcho {
     }
 }
 
+// The handshake callback's error type is tungstenite's, large by its design.
+#[allow(clippy::result_large_err)]
 fn ws_echo_conn(
     conn: TcpStream,
-    handshakes: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    handshakes: HandshakeLog,
     closed_by_client: Arc<AtomicUsize>,
     close_acknowledged: Arc<AtomicUsize>,
 ) {
@@ -900,7 +905,12 @@ fn ws_echo_conn(
         let headers = req
             .headers()
             .iter()
-            .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect();
         handshakes.lock().unwrap().push(headers);
         Ok(resp)
