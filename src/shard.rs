@@ -273,7 +273,7 @@ pub fn start(
                 }
             };
             executor.run(async move {
-                let listener = match TcpListener::bind(addr) {
+                let listener = match bind(addr) {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = ready_tx.send(Err(bind_error(addr, e)));
@@ -323,13 +323,27 @@ pub fn start(
     }
 }
 
-fn bind_error(addr: SocketAddr, e: glommio::GlommioError<()>) -> StartupError {
-    match e {
-        glommio::GlommioError::IoError(io) if io.kind() == io::ErrorKind::AddrInUse => {
-            StartupError::PortInUse(addr)
-        }
-        glommio::GlommioError::IoError(io) => StartupError::Bind(addr, io),
-        other => StartupError::Bind(addr, io::Error::other(other.to_string())),
+/// The shard's listener: `SO_REUSEPORT` so every shard (and a successor process during a
+/// restart) shares the port, and `SO_REUSEADDR` so the sockets this process leaves in
+/// TIME_WAIT do not block whoever binds the port next.
+#[allow(unsafe_code)]
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    // SAFETY: `into_raw_fd` hands over sole ownership of a listening socket descriptor.
+    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+}
+
+fn bind_error(addr: SocketAddr, e: io::Error) -> StartupError {
+    if e.kind() == io::ErrorKind::AddrInUse {
+        StartupError::PortInUse(addr)
+    } else {
+        StartupError::Bind(addr, e)
     }
 }
 
