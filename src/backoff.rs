@@ -36,7 +36,14 @@ impl Backoff {
     /// The next delay: the current base with uniform jitter within ±20 %, never above `max`.
     /// Afterwards the base doubles, capped at `max`.
     pub fn next_delay(&mut self, rng: &mut fastrand::Rng) -> Duration {
-        let delay = jitter(self.current, JITTER_FRACTION, rng).min(self.max);
+        let drawn = jitter(self.current, JITTER_FRACTION, rng);
+        // Above the cap, reflect rather than clip: clipping would give half of all capped
+        // delays the exact same value, and a fleet would retry in lockstep.
+        let delay = if drawn > self.max {
+            self.max.saturating_sub(drawn - self.max)
+        } else {
+            drawn
+        };
         self.current = self.current.saturating_mul(2).min(self.max);
         delay
     }
@@ -198,5 +205,24 @@ mod tests {
             let period = ejection_period(Some(Duration::from_secs(secs)));
             assert!(period <= MAX_EJECTION, "{secs}: {period:?}");
         }
+    }
+
+    #[test]
+    fn capped_delays_stay_spread_below_the_cap() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let max = Duration::from_millis(400);
+        let mut b = Backoff::new(Duration::from_millis(100), max);
+        b.next_delay(&mut rng);
+        b.next_delay(&mut rng);
+        let mut at_cap = 0;
+        for _ in 0..10_000 {
+            let d = b.next_delay(&mut rng);
+            assert!(d <= max && d >= max.mul_f64(0.8), "{d:?}");
+            at_cap += usize::from(d == max);
+        }
+        assert!(
+            at_cap < 100,
+            "{at_cap} of 10000 capped delays equal the cap"
+        );
     }
 }

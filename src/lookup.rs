@@ -46,7 +46,10 @@ pub async fn consult(
 ) -> CacheStep {
     let buf = client.pending();
     let cacheable = shard.cache.borrow().capacity() > 0
-        && matches!(head.framing, RequestFraming::None | RequestFraming::Length(0))
+        && matches!(
+            head.framing,
+            RequestFraming::None | RequestFraming::Length(0)
+        )
         && is_cacheable_request(head.method(buf), head.path(buf), head.has_authorization);
     if !cacheable {
         return CacheStep::Forward(None, None);

@@ -319,8 +319,7 @@ async fn handle_request(
                     && match error.kind {
                         ErrorKind::Connect => plan == BodyPlan::Buffered || !error.request_sent,
                         ErrorKind::Reset => {
-                            !error.request_sent
-                                || (head.idempotent && has_no_body(head))
+                            !error.request_sent || (head.idempotent && has_no_body(head))
                         }
                         ErrorKind::Timeout | ErrorKind::BadResponse => false,
                     };
@@ -342,7 +341,10 @@ async fn handle_request(
 /// `Content-Length: 0` is an empty body (RFC 9110 §8.6): such a request is as safe to replay
 /// as one without the header.
 fn has_no_body(head: &RequestHead) -> bool {
-    matches!(head.framing, RequestFraming::None | RequestFraming::Length(0))
+    matches!(
+        head.framing,
+        RequestFraming::None | RequestFraming::Length(0)
+    )
 }
 
 fn record(shard: &Shard, pick: &Pick, outcome: Outcome) {

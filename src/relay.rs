@@ -7,8 +7,8 @@ use crate::body::ChunkedDecoder;
 use crate::cache::{Storability, StoredHeader};
 use crate::client::{Upstream, UpstreamError};
 use crate::http::{
-    parse_response, write_response_head, RequestFraming, ResponseFraming,
-    ResponseHead, ResponseOptions, Version,
+    parse_response, write_response_head, RequestFraming, ResponseFraming, ResponseHead,
+    ResponseOptions, Version,
 };
 use crate::metrics::ErrorKind;
 use crate::proxy::{cache_decision, store, Exchange, Failure, Next};

@@ -17,7 +17,7 @@ use tungstenite::{Message, WebSocket};
 use crate::admin::Status;
 use crate::backoff::Backoff;
 use crate::config::AgentEndpoint;
-use crate::queue::{parse_snapshot, Rejection, ServerSet};
+use crate::queue::{parse_snapshot, Rejection};
 use crate::resolve::resolve;
 use crate::shard::{ShardCommand, ShardHandle, Update};
 
@@ -129,13 +129,7 @@ impl AgentLink {
     }
 
     fn connect(&self, url: &str) -> Result<WebSocket<TcpStream>, AgentError> {
-        let addr = (self.endpoint.host.as_str(), self.endpoint.port)
-            .to_socket_addrs()
-            .map_err(AgentError::Connect)?
-            .next()
-            .ok_or_else(|| AgentError::Connect(io::Error::other("host has no address")))?;
-        let stream =
-            TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(AgentError::Connect)?;
+        let stream = connect_any(&self.endpoint.host, self.endpoint.port)?;
         let _ = stream.set_nodelay(true);
         stream
             .set_read_timeout(Some(CONNECT_TIMEOUT))
@@ -217,46 +211,56 @@ impl AgentLink {
             Ok(set) => set,
             Err(rejection) => return self.reject(&rejection.to_string()),
         };
-        let parsed = arrived.elapsed();
+        let parsed = Instant::now();
         let backends = match resolve(&set) {
             Ok(b) => b,
             Err(reason) => return self.reject(&reason),
         };
-        let resolved = arrived.elapsed();
+        let resolved = Instant::now();
         let version = self.status.global.server_set_version.get() + 1;
         let servers = backends.len();
-        self.apply(Arc::new(Update { version, backends }), set);
+        let routed = self.broadcast(Arc::new(Update { version, backends }));
+        // Published after the measurement: dropping the previous set is not propagation.
+        self.status.publish_set(version, set);
         *delivered = true;
-        info!("TIMING parse={}us resolve={}us", parsed.as_micros(), (resolved-parsed).as_micros());
         info!(
-            "applied server set version={version} servers={servers} propagation={}us",
-            arrived.elapsed().as_micros()
+            "applied server set version={version} servers={servers} propagation={}us \
+             parse={}us resolve={}us shards={}us",
+            (routed - arrived).as_micros(),
+            (parsed - arrived).as_micros(),
+            (resolved - parsed).as_micros(),
+            (routed - resolved).as_micros(),
         );
         serde_json::json!({ "applied": version, "servers": servers }).to_string()
     }
 
-    /// Broadcasts a set and returns once every shard routes by it.
-    fn apply(&mut self, update: Arc<Update>, set: ServerSet) {
+    /// Sends a set to every shard and returns when the last one acknowledged it (or when
+    /// shutdown makes waiting pointless).
+    fn broadcast(&mut self, update: Arc<Update>) -> Instant {
         let version = update.version;
         for shard in &self.shards {
             shard.send(ShardCommand::Apply(update.clone()));
         }
         let started = Instant::now();
-        let mut pending: Vec<bool> = vec![true; self.shards.len()];
+        let mut pending = self.shards.len();
+        let mut acked = vec![false; self.shards.len()];
         let mut warned = false;
-        while pending.iter().any(|p| *p) {
+        while pending > 0 {
             match self.acks.recv_timeout(TICK) {
                 Ok((shard, v)) if v >= version => {
-                    info!("TIMING ack shard={shard} at={}us", started.elapsed().as_micros());
-                    if let Some(p) = pending.get_mut(shard) {
-                        *p = false;
+                    if let Some(done) = acked.get_mut(shard).filter(|done| !**done) {
+                        *done = true;
+                        pending -= 1;
                     }
                 }
                 Ok(_) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     if !warned && started.elapsed() >= ACK_WARN_AFTER {
                         warned = true;
-                        warn!("server set version={version} still not applied by every shard");
+                        warn!(
+                            "server set version={version} still not applied by {pending} of {} shards",
+                            self.shards.len()
+                        );
                     }
                     if self.status.shutting_down.load(Relaxed) {
                         break;
@@ -265,8 +269,22 @@ impl AgentLink {
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
         }
-        let p = Instant::now();
-        self.status.publish_set(version, set);
-        info!("TIMING publish={}us", p.elapsed().as_micros());
+        Instant::now()
     }
+}
+
+/// Connects to the first address of `host` that accepts, so a name with both an IPv6 and an
+/// IPv4 address works whichever one the agent listens on.
+fn connect_any(host: &str, port: u16) -> Result<TcpStream, AgentError> {
+    let addrs = (host, port)
+        .to_socket_addrs()
+        .map_err(AgentError::Connect)?;
+    let mut last = io::Error::other("host has no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
+        }
+    }
+    Err(AgentError::Connect(last))
 }

@@ -49,6 +49,11 @@ pub fn parse_request(buf: &[u8], head: &mut RequestHead) -> Result<bool, HttpErr
     if target.len() > MAX_TARGET_BYTES {
         return Err(HttpError::UriTooLong);
     }
+    // A URI is ASCII (RFC 9112 §3.2, RFC 3986); httparse lets bytes over 0x7f through on
+    // some code paths and not on others, so decide here, the same way every time.
+    if !target.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad("invalid request-target"));
+    }
     head.method = range_of(buf, method.as_bytes());
     head.target = range_of(buf, target.as_bytes());
     head.version = if minor == 0 {
@@ -236,16 +241,10 @@ impl Fields {
                 }
                 Field::TransferEncoding => {
                     let te = f.te.get_or_insert_with(TransferCodings::default);
-                    let mut any = false;
-                    for coding in list(value) {
-                        // chunked takes no parameters: "chunked;x" is some other coding, so
-                        // the proxy and the backend cannot disagree about where a body ends.
-                        te.last_chunked = coding.eq_ignore_ascii_case(b"chunked");
-                        te.chunked += usize::from(te.last_chunked);
-                        any = true;
-                    }
-                    if !any {
-                        return Err(fail("empty transfer-encoding"));
+                    match te.scan(value) {
+                        Some(0) => return Err(fail("empty transfer-encoding")),
+                        Some(_) => {}
+                        None => return Err(fail("invalid transfer-encoding")),
                     }
                 }
                 Field::Connection => {
@@ -272,6 +271,83 @@ impl Fields {
         }
         Ok(f)
     }
+}
+
+impl TransferCodings {
+    /// Adds the codings of one field value, `#transfer-coding` (RFC 9112 §7, RFC 9110
+    /// §5.6.1): `token *( OWS ";" OWS token BWS "=" BWS ( token / quoted-string ) )`, empty
+    /// list elements ignored. Returns how many codings it held, or `None` when it does not
+    /// parse: a coding that is not a token could hide a "chunked" the backend reads
+    /// differently, and a comma inside a quoted parameter does not separate codings.
+    fn scan(&mut self, value: &[u8]) -> Option<usize> {
+        let mut rest = value;
+        let mut count = 0;
+        loop {
+            rest = skip_ows(rest);
+            match rest.split_first() {
+                None => return Some(count),
+                Some((b',', tail)) => {
+                    rest = tail;
+                    continue;
+                }
+                Some(_) => {}
+            }
+            let (name, tail) = split_token(rest)?;
+            rest = skip_ows(tail);
+            let mut parameters = false;
+            while let Some(tail) = rest.strip_prefix(b";") {
+                let (_, tail) = split_token(skip_ows(tail))?;
+                let tail = skip_ows(tail).strip_prefix(b"=")?;
+                let tail = skip_ows(tail);
+                let (_, tail) = match tail.first() {
+                    Some(b'"') => split_quoted(tail)?,
+                    _ => split_token(tail)?,
+                };
+                rest = skip_ows(tail);
+                parameters = true;
+            }
+            if !matches!(rest.first(), None | Some(b',')) {
+                return None;
+            }
+            // chunked takes no parameters: "chunked;x=1" is not a coding the proxy can
+            // decode, yet it is chunked applied once more (RFC 9112 §6.1).
+            let chunked = name.eq_ignore_ascii_case(b"chunked");
+            self.chunked += usize::from(chunked);
+            self.last_chunked = chunked && !parameters;
+            count += 1;
+        }
+    }
+}
+
+fn skip_ows(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    &s[n..]
+}
+
+/// Splits a non-empty token (RFC 9110 §5.6.2) off the front of `s`.
+fn split_token(s: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = s.iter().take_while(|&&b| is_tchar(b)).count();
+    (n > 0).then(|| s.split_at(n))
+}
+
+/// Splits a quoted-string (RFC 9110 §5.6.4) off the front of `s`, which starts with DQUOTE.
+fn split_quoted(s: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut i = 1;
+    loop {
+        match *s.get(i)? {
+            b'"' => return Some(s.split_at(i + 1)),
+            b'\\' => match *s.get(i + 1)? {
+                b'\t' | b' ' | 0x21..=0x7e | 0x80..=0xff => i += 2,
+                _ => return None,
+            },
+            b'\t' | b' ' | 0x21 | 0x23..=0x5b | 0x5d..=0x7e | 0x80..=0xff => i += 1,
+            _ => return None,
+        }
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// 1*DIGIT without sign or whitespace, rejecting overflow.
@@ -512,6 +588,41 @@ mod tests {
         }
     }
 
+    /// Found by fuzzing (framing_diff): a Transfer-Encoding whose codings are not tokens, or
+    /// whose quoted parameter hides a comma, was read as ending in chunked.
+    #[test]
+    fn transfer_encoding_must_be_a_list_of_codings() {
+        use RequestFraming::Chunked;
+        let cases: &[(&str, Result<RequestFraming, HttpError>)] = &[
+            ("gz(ip, chunked", Err(bad("invalid transfer-encoding"))),
+            ("gzip chunked", Err(bad("invalid transfer-encoding"))),
+            ("gzip;q=\"a,chunked", Err(bad("invalid transfer-encoding"))),
+            ("gzip;q, chunked", Err(bad("invalid transfer-encoding"))),
+            ("gzip;=1, chunked", Err(bad("invalid transfer-encoding"))),
+            (
+                "gzip;q=\"a\"b, chunked",
+                Err(bad("invalid transfer-encoding")),
+            ),
+            (
+                "chunked;x=1, chunked",
+                Err(bad("chunked applied more than once")),
+            ),
+            ("gzip;q=\"a,b\", chunked", Ok(Chunked)),
+            ("gzip;q=\"a\\\"b\" , ,chunked", Ok(Chunked)),
+            ("gzip ; q = 1,chunked", Ok(Chunked)),
+        ];
+        for (te, expected) in cases {
+            let raw = format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {te}\r\n\r\n");
+            assert_eq!(req(&raw).map(|h| h.framing), *expected, "{te:?}");
+        }
+        let raw = "HTTP/1.1 200 OK\r\nTransfer-Encoding: gz(ip, chunked\r\n\r\n";
+        let mut head = ResponseHead::default();
+        assert_eq!(
+            parse_response(raw.as_bytes(), false, &mut head),
+            Err(HttpError::BadResponse("invalid transfer-encoding"))
+        );
+    }
+
     #[test]
     fn limits_are_exact_at_their_boundaries() {
         let target = format!("/{}", "a".repeat(MAX_TARGET_BYTES - 1));
@@ -744,6 +855,31 @@ mod tests {
         assert!(!head.expect_continue);
         let head = req("PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").unwrap();
         assert!(!head.expect_continue);
+    }
+
+    /// Found by fuzzing (framing_diff): httparse took bytes over 0x7f in a long target and
+    /// refused them in a short one; a request-target is ASCII either way.
+    #[test]
+    fn request_target_is_ascii_whatever_its_length() {
+        let long = format!("/{}", "a".repeat(100));
+        for target in [
+            "/\u{e9}",
+            "/x\u{e9}",
+            &format!("{long}\u{e9}"),
+            &format!("http://a{long}\u{e9}"),
+        ] {
+            let raw = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
+            let mut head = RequestHead::default();
+            let got = parse_request(raw.as_bytes(), &mut head);
+            assert_eq!(got, Err(bad("invalid request-target")), "{target:?}");
+        }
+        for short in [true, false] {
+            let mut raw = format!("GET {}", if short { "/" } else { &long }).into_bytes();
+            raw.extend_from_slice(b"\xff HTTP/1.1\r\nHost: a\r\n\r\n");
+            let mut head = RequestHead::default();
+            let got = parse_request(&raw, &mut head);
+            assert!(matches!(got, Err(HttpError::BadRequest(_))), "{got:?}");
+        }
     }
 
     #[test]

@@ -162,10 +162,17 @@ pub fn write_response_head(
     };
     put_status_line(out, head.status, reason);
     let check_named = names_extra_fields(&head.headers, buf);
+    // RFC 9112 §6.2: a sender MUST NOT send Content-Length with Transfer-Encoding, which
+    // overrides it (§6.3), bodiless responses (HEAD, 304) included.
+    let has_te = head.framing == ResponseFraming::None
+        && head
+            .headers
+            .iter()
+            .any(|h| Field::of(&buf[h.name.clone()]) == Field::TransferEncoding);
     for h in &head.headers {
         let name = &buf[h.name.clone()];
         match Field::of(name) {
-            Field::ContentLength if head.framing != ResponseFraming::None => continue,
+            Field::ContentLength if head.framing != ResponseFraming::None || has_te => continue,
             Field::ContentLength => {}
             Field::TransferEncoding if opts.dechunk => continue,
             Field::TransferEncoding => {}
@@ -287,7 +294,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
 
-    use super::super::tests::{forward, forward_from, respond, IP, KEEP};
+    use super::super::tests::{forward, forward_from, res, respond, IP, KEEP};
     use super::*;
     use crate::http::{parse_request, parse_response};
     use std::net::Ipv6Addr;
@@ -485,6 +492,24 @@ mod tests {
         );
         let not_modified = "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n";
         assert_eq!(respond(not_modified, &KEEP), not_modified);
+    }
+
+    /// Found by fuzzing (response_head): a HEAD or 304 answer went out with both
+    /// Transfer-Encoding and Content-Length, which RFC 9112 §6.2 forbids a sender.
+    #[test]
+    fn bodiless_response_never_carries_content_length_beside_transfer_encoding() {
+        let raw = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n";
+        let expected = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let head = res(raw, true).unwrap();
+        let mut out = Vec::new();
+        write_response_head(&head, raw.as_bytes(), &KEEP, &mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        let not_modified =
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\nTransfer-Encoding: gzip\r\n\r\n";
+        assert_eq!(
+            respond(not_modified, &KEEP),
+            "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: gzip\r\n\r\n"
+        );
     }
 
     #[test]

@@ -143,8 +143,14 @@ impl Balancer {
     /// GET on the admin listener; (status, body).
     pub fn admin_get(&self, path: &str) -> (u16, String) {
         let admin = self.admin.expect("admin listener is on");
-        let resp = request(admin, &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"));
-        (resp.status, String::from_utf8_lossy(&resp.body).into_owned())
+        let resp = request(
+            admin,
+            &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+        );
+        (
+            resp.status,
+            String::from_utf8_lossy(&resp.body).into_owned(),
+        )
     }
 
     /// The value of one metric sample (exact name with labels), if present.
@@ -166,7 +172,12 @@ impl Drop for Balancer {
 
 fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
     let i = line.find(marker)?;
-    Some(line[i + marker.len()..].split_whitespace().next()?.trim_end_matches(','))
+    Some(
+        line[i + marker.len()..]
+            .split_whitespace()
+            .next()?
+            .trim_end_matches(','),
+    )
 }
 
 /// Runs the binary to completion (for configuration errors); (exit code, stdout, stderr).
@@ -241,7 +252,10 @@ pub fn request(addr: SocketAddr, raw: &str) -> Response {
 
 /// `GET path` with a Host header on a new connection.
 pub fn get(addr: SocketAddr, path: &str) -> Response {
-    request(addr, &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"))
+    request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
+    )
 }
 
 /// Reads one response (Content-Length, chunked or close-delimited). None on EOF before a head.
@@ -259,7 +273,9 @@ pub fn read_response<R: BufRead>(r: &mut R, head_request: bool) -> Option<Respon
                 .map(|(_, v)| v.clone())
         };
         if head_request || status == 204 || status == 304 || status == 101 {
-        } else if header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        } else if header("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+        {
             body = read_chunked(r)?;
         } else if let Some(len) = header("content-length") {
             let len: usize = len.trim().parse().ok()?;
@@ -268,7 +284,11 @@ pub fn read_response<R: BufRead>(r: &mut R, head_request: bool) -> Option<Respon
         } else {
             r.read_to_end(&mut body).ok()?;
         }
-        return Some(Response { status, headers, body });
+        return Some(Response {
+            status,
+            headers,
+            body,
+        });
     }
 }
 
@@ -368,7 +388,12 @@ pub enum Reply {
     /// Wait, then answer.
     Delay(Duration, Box<Reply>),
     /// Write the head, then stream `len` bytes of pattern(seed) in 64 KiB writes.
-    Stream { head: Vec<u8>, len: usize, seed: u64, chunked: bool },
+    Stream {
+        head: Vec<u8>,
+        len: usize,
+        seed: u64,
+        chunked: bool,
+    },
 }
 
 /// A small HTTP/1.1 backend on 127.0.0.1 that records what it sees.
@@ -388,7 +413,11 @@ pub fn named(name: &'static str) -> Handler {
 
 /// A 200 response with a Content-Length body.
 pub fn ok(body: &[u8]) -> Vec<u8> {
-    let mut out = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n", body.len()).into_bytes();
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
     out.extend_from_slice(body);
     out
 }
@@ -410,7 +439,12 @@ impl Backend {
         let requests = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (a, r, s, st) = (accepts.clone(), requests.clone(), seen.clone(), stop.clone());
+        let (a, r, s, st) = (
+            accepts.clone(),
+            requests.clone(),
+            seen.clone(),
+            stop.clone(),
+        );
         let thread = std::thread::spawn(move || {
             while !st.load(SeqCst) {
                 match listener.accept() {
@@ -464,7 +498,13 @@ impl Drop for Backend {
     }
 }
 
-fn serve_backend_conn(conn: TcpStream, handler: Handler, requests: Arc<AtomicUsize>, seen: Arc<Mutex<Vec<Seen>>>, stop: Arc<AtomicBool>) {
+fn serve_backend_conn(
+    conn: TcpStream,
+    handler: Handler,
+    requests: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+) {
     let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
     let _ = conn.set_nodelay(true);
     let mut writer = match conn.try_clone() {
@@ -481,7 +521,14 @@ fn serve_backend_conn(conn: TcpStream, handler: Handler, requests: Arc<AtomicUsi
         let head = match read_request_head(&mut reader) {
             Ok(Some(h)) => h,
             Ok(None) => return,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
             Err(_) => return,
         };
         deadline = idle_deadline();
@@ -507,7 +554,9 @@ fn serve_backend_conn(conn: TcpStream, handler: Handler, requests: Arc<AtomicUsi
         } else {
             Vec::new()
         };
-        let _ = reader.get_ref().set_read_timeout(Some(Duration::from_millis(200)));
+        let _ = reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)));
         let seen_now = Seen {
             method,
             target,
@@ -539,7 +588,12 @@ fn serve_backend_conn(conn: TcpStream, handler: Handler, requests: Arc<AtomicUsi
                     let _ = writer.shutdown(std::net::Shutdown::Both);
                     return;
                 }
-                Reply::Stream { head, len, seed, chunked } => {
+                Reply::Stream {
+                    head,
+                    len,
+                    seed,
+                    chunked,
+                } => {
                     if writer.write_all(&head).is_err() {
                         return;
                     }
@@ -614,7 +668,14 @@ pub fn spread(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
 pub fn server_set(servers: &[(SocketAddr, f64)]) -> String {
     let entries: Vec<String> = servers
         .iter()
-        .map(|(a, s)| format!("{{\"host\":\"{}\",\"port\":{},\"score\":{}}}", a.ip(), a.port(), s))
+        .map(|(a, s)| {
+            format!(
+                "{{\"host\":\"{}\",\"port\":{},\"score\":{}}}",
+                a.ip(),
+                a.port(),
+                s
+            )
+        })
         .collect();
     format!("{{\"servers\":[{}]}}", entries.join(","))
 }
@@ -673,12 +734,19 @@ impl Agent {
                 }
             }
         });
-        Agent { port, conns: rx, stop, connects }
+        Agent {
+            port,
+            conns: rx,
+            stop,
+            connects,
+        }
     }
 
     /// Waits for the balancer to connect.
     pub fn accept(&self) -> AgentConn {
-        self.conns.recv_timeout(WAIT).expect("the balancer connects to the agent")
+        self.conns
+            .recv_timeout(WAIT)
+            .expect("the balancer connects to the agent")
     }
 
     pub fn port_str(&self) -> String {
@@ -694,7 +762,9 @@ impl Drop for Agent {
 
 impl AgentConn {
     pub fn send_text(&mut self, text: &str) {
-        self.ws.send(tungstenite::Message::text(text)).expect("send to balancer");
+        self.ws
+            .send(tungstenite::Message::text(text))
+            .expect("send to balancer");
     }
 
     pub fn send_binary(&mut self, bytes: &[u8]) {
