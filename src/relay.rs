@@ -250,7 +250,63 @@ pub async fn relay_response(
         && !dechunk;
 
     let pending = upstream.conn.pending();
-    let mut store_plan = None;
+    let mut store_plan = plan_store(ex, &resp, pending);
+    let extra: &[(&str, &str)] = if ex.candidate.is_some() {
+        &[("X-Cache", "MISS")]
+    } else {
+        &[]
+    };
+    let mut out = Vec::with_capacity(resp.head_len + 128);
+    let opts = ResponseOptions {
+        keep_alive,
+        client_version: head.version,
+        dechunk,
+        extra,
+    };
+    write_response_head(&resp, pending, &opts, &mut out);
+    upstream.conn.consume(resp.head_len);
+
+    let body = stream_body(
+        client,
+        upstream,
+        resp.framing,
+        dechunk,
+        out,
+        &mut store_plan,
+        shard,
+    )
+    .await;
+    shard.metrics.record_request(status, ex.started.elapsed());
+    match body {
+        Err(()) => Ok(Relayed::cut_short(status, None)),
+        Ok(BodyEnd::Failed(kind)) => Ok(Relayed::cut_short(status, Some(kind))),
+        Ok(BodyEnd::Complete) => {
+            if let (Some(candidate), Some(plan)) = (ex.candidate, store_plan) {
+                store(shard, candidate, status, plan);
+            }
+            let next = if keep_alive {
+                Next::KeepAlive
+            } else if body_sent {
+                Next::Close
+            } else {
+                Next::Linger
+            };
+            Ok(Relayed {
+                status,
+                next,
+                reusable: resp.keep_alive && body_sent && resp.framing != ResponseFraming::Close,
+                backend_error: None,
+            })
+        }
+    }
+}
+
+/// The copy to keep for the cache, when the request was a cacheable miss and the response
+/// may be stored (SPEC §7).
+fn plan_store(ex: &Exchange<'_>, resp: &ResponseHead, pending: &[u8]) -> Option<StorePlan> {
+    let shard = ex.shard;
+    let status = resp.status;
+    let head = ex.head;
     if let (Some(_), false) = (ex.candidate, head.is_head) {
         let headers: Vec<(&[u8], &[u8])> = resp.headers(pending).collect();
         let body_len = match resp.framing {
@@ -269,7 +325,7 @@ pub async fn relay_response(
                 .iter()
                 .map(|(n, v)| (Box::from(*n), Box::from(*v)))
                 .collect::<Vec<StoredHeader>>();
-            store_plan = Some(StorePlan {
+            return Some(StorePlan {
                 headers: kept,
                 vary_accept_encoding,
                 ttl,
@@ -277,21 +333,21 @@ pub async fn relay_response(
             });
         }
     }
-    let extra: &[(&str, &str)] = if ex.candidate.is_some() {
-        &[("X-Cache", "MISS")]
-    } else {
-        &[]
-    };
-    let mut out = Vec::with_capacity(resp.head_len + 128);
-    let opts = ResponseOptions {
-        keep_alive,
-        client_version: head.version,
-        dechunk,
-        extra,
-    };
-    write_response_head(&resp, pending, &opts, &mut out);
-    upstream.conn.consume(resp.head_len);
+    None
+}
 
+/// Copies the response body to the client in its framing (or de-chunked for HTTP/1.0),
+/// sending the already-rendered head with the first bytes; copies it for the cache too.
+/// `Err(())` means the client went away.
+async fn stream_body(
+    client: &mut Conn,
+    upstream: &mut Upstream,
+    framing: ResponseFraming,
+    dechunk: bool,
+    out: Vec<u8>,
+    plan: &mut Option<StorePlan>,
+    shard: &Shard,
+) -> Result<BodyEnd, ()> {
     let max_store = shard.config.cache_max_object_bytes;
     let collect = |bytes: &[u8], plan: &mut Option<StorePlan>| {
         if let Some(p) = plan {
@@ -306,7 +362,7 @@ pub async fn relay_response(
     upstream
         .conn
         .set_read_timeout(Some(shard.config.request_timeout));
-    let body = match resp.framing {
+    match framing {
         ResponseFraming::None => client
             .write_all(&out)
             .await
@@ -318,7 +374,7 @@ pub async fn relay_response(
             loop {
                 let take = (upstream.conn.pending().len() as u64).min(remaining) as usize;
                 let chunk = &upstream.conn.pending()[..take];
-                collect(chunk, &mut store_plan);
+                collect(chunk, plan);
                 let written = match first.take() {
                     Some(mut head_out) => {
                         head_out.extend_from_slice(chunk);
@@ -350,13 +406,11 @@ pub async fn relay_response(
                     staged = head_out;
                 }
                 let pending = upstream.conn.pending();
-                let mut data_len = 0;
                 let fed = decoder.feed(pending, |data| {
-                    collect(data, &mut store_plan);
+                    collect(data, plan);
                     if dechunk {
                         staged.extend_from_slice(data);
                     }
-                    data_len += data.len();
                 });
                 let consumed = match fed {
                     Ok(c) => c,
@@ -368,7 +422,6 @@ pub async fn relay_response(
                 if !dechunk {
                     staged.extend_from_slice(&pending[..consumed]);
                 }
-                let _ = data_len;
                 if !staged.is_empty() && client.write_all(&staged).await.is_err() {
                     break Err(());
                 }
@@ -385,7 +438,7 @@ pub async fn relay_response(
             let mut first = Some(out);
             loop {
                 let chunk = upstream.conn.pending();
-                collect(chunk, &mut store_plan);
+                collect(chunk, plan);
                 let written = match first.take() {
                     Some(mut head_out) => {
                         head_out.extend_from_slice(chunk);
@@ -396,8 +449,7 @@ pub async fn relay_response(
                 if written.is_err() {
                     break Err(());
                 }
-                let n = chunk_len(upstream);
-                upstream.conn.consume(n);
+                upstream.conn.clear();
                 upstream
                     .conn
                     .set_read_timeout(Some(shard.config.request_timeout));
@@ -411,29 +463,6 @@ pub async fn relay_response(
                 }
             }
         }
-    };
-    shard.metrics.record_request(status, ex.started.elapsed());
-    match body {
-        Err(()) => Ok(Relayed::cut_short(status, None)),
-        Ok(BodyEnd::Failed(kind)) => Ok(Relayed::cut_short(status, Some(kind))),
-        Ok(BodyEnd::Complete) => {
-            if let (Some(candidate), Some(plan)) = (ex.candidate, store_plan) {
-                store(shard, candidate, status, plan);
-            }
-            let next = if keep_alive {
-                Next::KeepAlive
-            } else if body_sent {
-                Next::Close
-            } else {
-                Next::Linger
-            };
-            Ok(Relayed {
-                status,
-                next,
-                reusable: resp.keep_alive && body_sent && resp.framing != ResponseFraming::Close,
-                backend_error: None,
-            })
-        }
     }
 }
 
@@ -443,10 +472,6 @@ pub struct StorePlan {
     pub vary_accept_encoding: bool,
     pub ttl: Duration,
     pub body: Vec<u8>,
-}
-
-fn chunk_len(upstream: &Upstream) -> usize {
-    upstream.conn.pending().len()
 }
 
 enum BodyEnd {
