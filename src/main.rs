@@ -108,6 +108,13 @@ fn run(config: Config, initial: Update) -> Result<(), String> {
         addr = running.local_addr;
         shards.push(running);
     }
+    if config.backends.is_some() {
+        info!(
+            "applied server set version={} servers={} source=BACKENDS",
+            initial.version,
+            initial.backends.len()
+        );
+    }
     info!("listening on {addr}");
 
     let status = Arc::new(Status::new(
