@@ -6,8 +6,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use futures_lite::future::poll_once;
-use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
 
 use crate::metrics::ErrorKind;
@@ -75,16 +73,6 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Taken from the pool rather than freshly connected.
     pub reused: bool,
-}
-
-impl Upstream {
-    /// Whether a pooled connection still looks usable: no EOF and no stray bytes waiting.
-    /// Costs one non-blocking receive, so it is used only where a stale connection could not
-    /// be retried transparently.
-    pub async fn looks_alive(&mut self) -> bool {
-        let mut probe = [0u8; 1];
-        poll_once(self.conn.stream.read(&mut probe)).await.is_none()
-    }
 }
 
 /// Opens a connection, mapping failures (including the deadline) to `connect` errors.

@@ -13,6 +13,7 @@ use glommio::net::TcpStream;
 use log::debug;
 
 use crate::balancer::{Outcome, Pick};
+use crate::body::ChunkedDecoder;
 use crate::cache::{storability, CachedResponse, Storability};
 use crate::client::{connect, Upstream, UpstreamError};
 use crate::http::{
@@ -246,6 +247,22 @@ async fn handle_request(
                 Err(_) => return Next::Close,
             }
         }
+        RequestFraming::Chunked if !head.expect_continue => {
+            match read_chunked_whole(shard, client, head.head_len).await {
+                Ok(Some(len)) => {
+                    let body = &client.pending()[head.head_len..head.head_len + len];
+                    request.extend_from_slice(body);
+                    client.consume(len);
+                    BodyPlan::Buffered
+                }
+                Ok(None) => BodyPlan::Streamed(RequestFraming::Chunked),
+                Err(Failure::ClientStatus(status)) => {
+                    respond_error(shard, client, status, false, started).await;
+                    return Next::Linger;
+                }
+                Err(_) => return Next::Close,
+            }
+        }
         framing => BodyPlan::Streamed(framing),
     };
     client.consume(head.head_len);
@@ -373,6 +390,35 @@ async fn read_body_whole(
     Ok(())
 }
 
+/// Reads a chunked body that ends within REPLAYABLE_BODY bytes; its raw length, or `None`
+/// when it is longer (the bytes read so far stay buffered for streaming).
+async fn read_chunked_whole(
+    shard: &Shard,
+    client: &mut Conn,
+    head_len: usize,
+) -> Result<Option<usize>, Failure> {
+    let mut decoder = ChunkedDecoder::new();
+    let mut decoded = 0;
+    client.set_read_timeout(Some(shard.config.client_idle_timeout));
+    loop {
+        let body = &client.pending()[head_len..];
+        decoded += decoder
+            .feed(&body[decoded..], |_| {})
+            .map_err(|_| Failure::ClientStatus(400))?;
+        if decoder.is_done() {
+            return Ok(Some(decoded));
+        }
+        if decoded as u64 >= REPLAYABLE_BODY {
+            return Ok(None);
+        }
+        let limit = head_len + REPLAYABLE_BODY as usize + CLIENT_BUFFER;
+        match client.fill(limit).await {
+            Ok(n) if n > 0 => {}
+            _ => return Err(Failure::Client),
+        }
+    }
+}
+
 /// Why an exchange with one server ended without a response reaching the client.
 pub enum Failure {
     /// The backend failed before the client received anything: may be retried.
@@ -426,19 +472,20 @@ impl Exchange<'_> {
         relayed
     }
 
+    /// A pooled connection when the request can be replayed should it turn out stale; a
+    /// fresh one otherwise, because a backend may close an idle connection at any moment
+    /// and a streamed body cannot be sent twice.
     async fn checkout(&self, addr: SocketAddr, replayable: bool) -> Result<Upstream, Failure> {
-        loop {
-            let pooled = self.shard.pool.borrow_mut().take(addr, Instant::now());
-            match pooled {
-                Some(mut upstream) => {
-                    if !replayable && !upstream.looks_alive().await {
-                        continue;
-                    }
-                    self.shard.metrics.upstream_reused.inc();
-                    return Ok(upstream);
-                }
-                None => return self.connect(addr).await,
+        if !replayable {
+            return self.connect(addr).await;
+        }
+        let pooled = self.shard.pool.borrow_mut().take(addr, Instant::now());
+        match pooled {
+            Some(upstream) => {
+                self.shard.metrics.upstream_reused.inc();
+                Ok(upstream)
             }
+            None => self.connect(addr).await,
         }
     }
 
