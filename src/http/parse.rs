@@ -216,6 +216,7 @@ struct Fields {
 
 #[derive(Default, Clone, Copy)]
 struct TransferCodings {
+    codings: usize,
     chunked: usize,
     last_chunked: bool,
 }
@@ -240,12 +241,11 @@ impl Fields {
                     }
                 }
                 Field::TransferEncoding => {
+                    // Field lines combine into one list (RFC 9110 §5.3), so an empty line
+                    // next to "chunked" leaves chunked final; only an empty list is refused.
                     let te = f.te.get_or_insert_with(TransferCodings::default);
-                    match te.scan(value) {
-                        Some(0) => return Err(fail("empty transfer-encoding")),
-                        Some(_) => {}
-                        None => return Err(fail("invalid transfer-encoding")),
-                    }
+                    te.scan(value)
+                        .ok_or_else(|| fail("invalid transfer-encoding"))?;
                 }
                 Field::Connection => {
                     for token in list(value) {
@@ -269,6 +269,9 @@ impl Fields {
                 _ => {}
             }
         }
+        if f.te.is_some_and(|te| te.codings == 0) {
+            return Err(fail("empty transfer-encoding"));
+        }
         Ok(f)
     }
 }
@@ -276,16 +279,15 @@ impl Fields {
 impl TransferCodings {
     /// Adds the codings of one field value, `#transfer-coding` (RFC 9112 §7, RFC 9110
     /// §5.6.1): `token *( OWS ";" OWS token BWS "=" BWS ( token / quoted-string ) )`, empty
-    /// list elements ignored. Returns how many codings it held, or `None` when it does not
-    /// parse: a coding that is not a token could hide a "chunked" the backend reads
-    /// differently, and a comma inside a quoted parameter does not separate codings.
-    fn scan(&mut self, value: &[u8]) -> Option<usize> {
+    /// list elements ignored. `None` when it does not parse: a coding that is not a token
+    /// could hide a "chunked" the backend reads differently, and a comma inside a quoted
+    /// parameter does not separate codings.
+    fn scan(&mut self, value: &[u8]) -> Option<()> {
         let mut rest = value;
-        let mut count = 0;
         loop {
             rest = skip_ows(rest);
             match rest.split_first() {
-                None => return Some(count),
+                None => return Some(()),
                 Some((b',', tail)) => {
                     rest = tail;
                     continue;
@@ -314,7 +316,7 @@ impl TransferCodings {
             let chunked = name.eq_ignore_ascii_case(b"chunked");
             self.chunked += usize::from(chunked);
             self.last_chunked = chunked && !parameters;
-            count += 1;
+            self.codings += 1;
         }
     }
 }
@@ -610,6 +612,18 @@ mod tests {
             ("gzip;q=\"a,b\", chunked", Ok(Chunked)),
             ("gzip;q=\"a\\\"b\" , ,chunked", Ok(Chunked)),
             ("gzip ; q = 1,chunked", Ok(Chunked)),
+            // Found by fuzzing (framing_diff): an empty line beside chunked adds nothing.
+            ("chunked\r\nTransfer-Encoding:", Ok(Chunked)),
+            (
+                "gzip\r\nTransfer-Encoding: , \r\nTransfer-Encoding: chunked",
+                Ok(Chunked),
+            ),
+            ("\r\nTransfer-Encoding: chunked", Ok(Chunked)),
+            (" , ", Err(bad("empty transfer-encoding"))),
+            (
+                "\r\nTransfer-Encoding: ,",
+                Err(bad("empty transfer-encoding")),
+            ),
         ];
         for (te, expected) in cases {
             let raw = format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {te}\r\n\r\n");

@@ -87,6 +87,9 @@ pub fn write_forward_request(head: &RequestHead, buf: &[u8], client_ip: IpAddr, 
         match Field::of(name) {
             // An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1).
             Field::Expect if head.version == Version::Http10 => continue,
+            // An empty line adds no coding; a backend that reads only the last
+            // Transfer-Encoding line must not see it.
+            Field::TransferEncoding if list(&buf[h.value.clone()]).next().is_none() => continue,
             Field::TransferEncoding | Field::Expect => {}
             Field::XForwardedFor => {
                 has_xff = true;
@@ -175,6 +178,7 @@ pub fn write_response_head(
             Field::ContentLength if head.framing != ResponseFraming::None || has_te => continue,
             Field::ContentLength => {}
             Field::TransferEncoding if opts.dechunk => continue,
+            Field::TransferEncoding if list(&buf[h.value.clone()]).next().is_none() => continue,
             Field::TransferEncoding => {}
             Field::Upgrade if head.upgraded => {}
             f if f.is_hop_by_hop() => continue,
@@ -509,6 +513,21 @@ mod tests {
         assert_eq!(
             respond(not_modified, &KEEP),
             "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: gzip\r\n\r\n"
+        );
+    }
+
+    /// Found by fuzzing (framing_diff): an empty Transfer-Encoding line beside "chunked" is
+    /// valid (the lines combine into one list), and is not passed on.
+    #[test]
+    fn empty_transfer_encoding_lines_are_not_forwarded() {
+        let raw = "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: \r\n\r\n";
+        let out = forward(raw);
+        assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
+        assert_eq!(out.matches("Transfer-Encoding").count(), 1, "{out}");
+        let raw = "HTTP/1.1 200 OK\r\nTransfer-Encoding: ,\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            respond(raw, &KEEP),
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         );
     }
 
