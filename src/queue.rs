@@ -101,6 +101,72 @@ impl std::error::Error for Rejection {}
 /// The first problem found, checking the shape, then the count, then each entry in order
 /// (stopping at its first bad field), then duplicates.
 pub fn parse_snapshot(text: &str, default_port: u16) -> Result<ServerSet, Rejection> {
+    // Valid snapshots (the common case, and the one on the propagation path) are read into
+    // typed entries, several times faster than through a generic JSON tree. Anything the fast
+    // path does not accept goes through the tree, which alone words the rejections.
+    if let Some(set) = parse_typed(text, default_port) {
+        return Ok(set);
+    }
+    parse_tree(text, default_port)
+}
+
+/// One entry as the fast path reads it: unknown fields are skipped, and `port` tells a
+/// missing field (`None`) from an explicit `null` (`Some(None)`, left to the slow path).
+#[derive(serde::Deserialize)]
+struct TypedEntry<'a> {
+    #[serde(borrow)]
+    host: std::borrow::Cow<'a, str>,
+    #[serde(default, deserialize_with = "present")]
+    port: Option<Option<u64>>,
+    score: f64,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
+}
+
+#[derive(serde::Deserialize)]
+struct TypedSnapshot<'a> {
+    #[serde(borrow)]
+    servers: Vec<TypedEntry<'a>>,
+}
+
+/// The fast path: `Some` only for a snapshot that is valid in every respect.
+fn parse_typed(text: &str, default_port: u16) -> Option<ServerSet> {
+    let entries: Vec<TypedEntry> = serde_json::from_str(text)
+        .or_else(|_| serde_json::from_str::<TypedSnapshot>(text).map(|s| s.servers))
+        .ok()?;
+    if entries.len() > MAX_SERVERS {
+        return None;
+    }
+    let mut servers = Vec::with_capacity(entries.len());
+    let mut seen = HashSet::with_capacity(entries.len());
+    for entry in entries {
+        let host = normalize_host(&entry.host)?;
+        let port = match entry.port {
+            None => default_port,
+            Some(Some(port)) => u16::try_from(port).ok().filter(|p| *p != 0)?,
+            Some(None) => return None,
+        };
+        if !(entry.score.is_finite() && entry.score >= 0.0) {
+            return None;
+        }
+        let server = ServerEntry {
+            host,
+            port,
+            score: entry.score + 0.0,
+        };
+        if !seen.insert(identity(&server)) {
+            return None;
+        }
+        servers.push(server);
+    }
+    Some(ServerSet { servers })
+}
+
+/// The slow path: a generic JSON tree, so every rejection can name the entry, the field and
+/// the offending value as sent.
+fn parse_tree(text: &str, default_port: u16) -> Result<ServerSet, Rejection> {
     let document: Value =
         serde_json::from_str(text).map_err(|e| Rejection::NotJson(e.to_string()))?;
     let entries = match &document {
@@ -465,5 +531,40 @@ mod tests {
             Rejection::BinaryFrame.to_string(),
             "binary frames are not accepted"
         );
+    }
+
+    #[test]
+    fn fast_and_slow_paths_agree_on_valid_snapshots() {
+        let cases = [
+            r#"[{"host":"10.0.0.1","port":8080,"score":3.5},{"host":"Example.com.","score":1}]"#,
+            r#"{"version":7,"servers":[{"host":"[::1]","port":1,"score":0,"zone":"a"}]}"#,
+            r#"[{"host":"a.b","score":-0.0},{"host":"a.b","port":81,"score":1e300}]"#,
+            r#"{"servers":[]}"#,
+        ];
+        for text in cases {
+            let fast = parse_typed(text, 80).expect("valid snapshot takes the fast path");
+            assert_eq!(Ok(fast), parse_tree(text, 80), "{text}");
+        }
+    }
+
+    #[test]
+    fn fast_path_leaves_every_doubtful_snapshot_to_the_slow_path() {
+        let cases = [
+            r#"[{"host":"10.0.0.1","port":null,"score":1}]"#,
+            r#"[{"host":"10.0.0.1","port":80.0,"score":1}]"#,
+            r#"[{"host":"10.0.0.1","port":0,"score":1}]"#,
+            r#"[{"host":"10.0.0.1","score":"1"}]"#,
+            r#"[{"host":"bad host","score":1}]"#,
+            r#"[{"host":"a","score":1},{"host":"A.","score":2}]"#,
+            r#"[7]"#,
+        ];
+        for text in cases {
+            assert!(parse_typed(text, 80).is_none(), "{text}");
+            assert!(parse_tree(text, 80).is_err(), "{text}");
+        }
+        // A repeated field is refused by the typed reader; the tree keeps the last value.
+        let repeated = r#"[{"host":"a","score":1,"score":2}]"#;
+        assert!(parse_typed(repeated, 80).is_none());
+        assert_eq!(parse_snapshot(repeated, 80), parse_tree(repeated, 80));
     }
 }
