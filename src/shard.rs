@@ -333,6 +333,9 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Non-blocking: the (patched) glommio listener then accepts with one accept(2) per
+    // connection and polls only when the queue is empty.
+    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     // SAFETY: `into_raw_fd` hands over sole ownership of a listening socket descriptor.

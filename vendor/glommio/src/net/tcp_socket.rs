@@ -75,17 +75,23 @@ type Result<T> = crate::Result<T, ()>;
 pub struct TcpListener {
     reactor: Weak<Reactor>,
     listener: net::TcpListener,
+    /// balancer patch: the descriptor was handed over already non-blocking.
+    nonblocking: bool,
 }
 
 impl FromRawFd for TcpListener {
     /// Convert an already bound and listening RawFd into a TcpListener
     unsafe fn from_raw_fd(fd: RawFd) -> Self {
+        let nonblocking = nix::fcntl::fcntl(fd, nix::fcntl::F_GETFL)
+            .map(|flags| flags & libc::O_NONBLOCK != 0)
+            .unwrap_or(false);
         let sk = Socket::from_raw_fd(fd);
         let listener = sk.into();
 
         TcpListener {
             reactor: Rc::downgrade(&crate::executor().reactor()),
             listener,
+            nonblocking,
         }
     }
 }
@@ -132,6 +138,7 @@ impl TcpListener {
         Ok(TcpListener {
             reactor: Rc::downgrade(&crate::executor().reactor()),
             listener,
+            nonblocking: false,
         })
     }
 
@@ -166,6 +173,21 @@ impl TcpListener {
     pub async fn shared_accept(&self) -> Result<AcceptedTcpStream> {
         let reactor = self.reactor.upgrade().unwrap();
         let raw_fd = self.listener.as_raw_fd();
+        if self.nonblocking {
+            // balancer patch: a non-blocking listener is accepted from directly, one
+            // accept(2) per connection, waiting for readiness only when the queue is empty
+            // (instead of three fcntl(2) calls around every accept).
+            loop {
+                match crate::sys::accept_syscall(raw_fd) {
+                    Ok(fd) => return Ok(AcceptedTcpStream { fd }),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        reactor.poll_read_ready(raw_fd).collect_rw().await?;
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => return Err(GlommioError::IoError(err)),
+                }
+            }
+        }
         if let Some(r) = yolo_accept(raw_fd) {
             match r {
                 Ok(fd) => {
