@@ -148,8 +148,4 @@ impl Pool {
     pub fn clear(&mut self) {
         self.idle.clear();
     }
-
-    pub fn idle_count(&self) -> usize {
-        self.idle.values().map(Vec::len).sum()
-    }
 }

@@ -267,13 +267,15 @@ async fn handle_request(
     };
     client.consume(head.head_len);
 
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    // Servers already tried for this request (no allocation on the request path).
+    let mut tried = [None::<SocketAddr>; MAX_RETRIES + 1];
+    let mut attempts = 0;
     let mut last_error: Option<UpstreamError> = None;
     loop {
         let pick = {
             let balancer = shard.balancer.borrow();
             let mut rng = shard.rng.borrow_mut();
-            balancer.pick(&mut rng, |b| !tried.contains(&b.addr))
+            balancer.pick(&mut rng, |b| !tried[..attempts].contains(&Some(b.addr)))
         };
         let Some(pick) = pick else {
             let status = match &last_error {
@@ -284,7 +286,8 @@ async fn handle_request(
             respond_error(shard, client, status, false, started).await;
             return Next::Linger;
         };
-        tried.push(pick.backend.addr);
+        tried[attempts] = Some(pick.backend.addr);
+        attempts += 1;
         let stats = shard.stats_for(&pick);
         if let Some(s) = &stats {
             s.requests.inc();
@@ -332,10 +335,11 @@ async fn handle_request(
                     s.error(error.kind);
                 }
                 record(shard, &pick, Outcome::Failure);
-                let retry = tried.len() <= MAX_RETRIES
+                // A failed connect sent nothing, so anything may go elsewhere; a reset after
+                // sending only idempotent requests without a body.
+                let retry = attempts <= MAX_RETRIES
                     && match error.kind {
-                        ErrorKind::Connect => plan == BodyPlan::Buffered || !error.request_sent,
-                        ErrorKind::Reset => {
+                        ErrorKind::Connect | ErrorKind::Reset => {
                             !error.request_sent || (head.idempotent && has_no_body(head))
                         }
                         ErrorKind::Timeout | ErrorKind::BadResponse => false,
