@@ -21,7 +21,7 @@
 //!   SIGTERM/SIGINT and drains.
 //!
 //! Pure modules (`config`, `queue`, `balancer`, `backoff`, `http`, `body`, `cache`,
-//! `metrics`) take time and randomness as parameters and do no I/O; glue modules (`shard`,
+//! `metrics`, `buffers`) take time and randomness as parameters and do no I/O; glue modules (`shard`,
 //! `proxy`, `lookup`, `relay`, `client`, `stream`, `socket`, `admin`, `resolve`) do I/O and hold no
 //! policy.
 #![deny(unsafe_code)]
@@ -30,6 +30,7 @@ pub mod admin;
 pub mod backoff;
 pub mod balancer;
 pub mod body;
+pub mod buffers;
 pub mod cache;
 pub mod client;
 pub mod config;

@@ -4,6 +4,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use crate::body::ChunkedDecoder;
+use crate::buffers::{PooledBuffer, BODY_BUFFER};
 use crate::cache::{Storability, StoredHeader};
 use crate::client::{Upstream, UpstreamError};
 use crate::http::{
@@ -256,7 +257,7 @@ pub async fn relay_response(
     } else {
         &[]
     };
-    let mut out = Vec::with_capacity(resp.head_len + 128);
+    let mut out = shard.body_buffers.take();
     let opts = ResponseOptions {
         keep_alive,
         client_version: head.version,
@@ -337,19 +338,20 @@ fn plan_store(ex: &Exchange<'_>, resp: &ResponseHead, pending: &[u8]) -> Option<
 }
 
 /// Copies the response body to the client in its framing (or de-chunked for HTTP/1.0),
-/// sending the already-rendered head with the first bytes; copies it for the cache too.
-/// `Err(())` means the client went away.
+/// sending the already-rendered head (in `staged`) with the first bytes; copies it for the
+/// cache too. Before each send, `staged` is topped up with whatever the backend has ready, so
+/// a response leaves in as few sends as its arrival allows. `Err(())`: the client went away.
 async fn stream_body(
     client: &mut Conn,
     upstream: &mut Upstream,
     framing: ResponseFraming,
     dechunk: bool,
-    out: Vec<u8>,
+    mut staged: PooledBuffer<'_>,
     plan: &mut Option<StorePlan>,
     shard: &Shard,
 ) -> Result<BodyEnd, ()> {
     let max_store = shard.config.cache_max_object_bytes;
-    let collect = |bytes: &[u8], plan: &mut Option<StorePlan>| {
+    let mut collect = |bytes: &[u8]| {
         if let Some(p) = plan {
             if p.body.len() + bytes.len() > max_store {
                 *plan = None;
@@ -364,32 +366,34 @@ async fn stream_body(
         .set_read_timeout(Some(shard.config.request_timeout));
     match framing {
         ResponseFraming::None => client
-            .write_all(&out)
+            .write_all(&staged)
             .await
             .map_err(|_| ())
             .map(|_| BodyEnd::Complete),
         ResponseFraming::Length(n) => {
             let mut remaining = n;
-            let mut first = Some(out);
             loop {
                 let take = (upstream.conn.pending().len() as u64).min(remaining) as usize;
                 let chunk = &upstream.conn.pending()[..take];
-                collect(chunk, plan);
-                let written = match first.take() {
-                    Some(mut head_out) => {
-                        head_out.extend_from_slice(chunk);
-                        client.write_all(&head_out).await
-                    }
-                    None if take > 0 => client.write_all(chunk).await,
-                    None => Ok(()),
-                };
-                if written.is_err() {
-                    break Err(());
-                }
+                collect(chunk);
+                staged.extend_from_slice(chunk);
                 upstream.conn.consume(take);
                 remaining -= take as u64;
+                let topped = top_up(upstream, &mut staged, remaining, &mut collect);
+                remaining -= topped.read;
+                if !staged.is_empty() {
+                    if client.write_all(&staged).await.is_err() {
+                        break Err(());
+                    }
+                    staged.clear();
+                }
                 if remaining == 0 {
                     break Ok(BodyEnd::Complete);
+                }
+                match topped.stop {
+                    Stop::Full => continue,
+                    Stop::Closed | Stop::Failed => break Ok(BodyEnd::Failed(ErrorKind::Reset)),
+                    Stop::Empty => {}
                 }
                 if let Some(kind) = refill(upstream).await {
                     break Ok(BodyEnd::Failed(kind));
@@ -398,16 +402,10 @@ async fn stream_body(
         }
         ResponseFraming::Chunked => {
             let mut decoder = ChunkedDecoder::new();
-            let mut first = Some(out);
-            let mut staged = Vec::new();
             loop {
-                staged.clear();
-                if let Some(head_out) = first.take() {
-                    staged = head_out;
-                }
                 let pending = upstream.conn.pending();
                 let fed = decoder.feed(pending, |data| {
-                    collect(data, plan);
+                    collect(data);
                     if dechunk {
                         staged.extend_from_slice(data);
                     }
@@ -422,47 +420,113 @@ async fn stream_body(
                 if !dechunk {
                     staged.extend_from_slice(&pending[..consumed]);
                 }
-                if !staged.is_empty() && client.write_all(&staged).await.is_err() {
-                    break Err(());
-                }
                 upstream.conn.consume(consumed);
+                let mut stop = Stop::Empty;
+                if !decoder.is_done() && staged.len() < BODY_BUFFER {
+                    stop = match upstream.conn.try_fill() {
+                        Ok(Some(0)) => Stop::Closed,
+                        Ok(Some(_)) => continue,
+                        Ok(None) => Stop::Empty,
+                        Err(_) => Stop::Failed,
+                    };
+                }
+                if !staged.is_empty() {
+                    if client.write_all(&staged).await.is_err() {
+                        break Err(());
+                    }
+                    staged.clear();
+                }
                 if decoder.is_done() {
                     break Ok(BodyEnd::Complete);
+                }
+                if let Stop::Closed | Stop::Failed = stop {
+                    break Ok(BodyEnd::Failed(ErrorKind::Reset));
                 }
                 if let Some(kind) = refill(upstream).await {
                     break Ok(BodyEnd::Failed(kind));
                 }
             }
         }
-        ResponseFraming::Close => {
-            let mut first = Some(out);
-            loop {
-                let chunk = upstream.conn.pending();
-                collect(chunk, plan);
-                let written = match first.take() {
-                    Some(mut head_out) => {
-                        head_out.extend_from_slice(chunk);
-                        client.write_all(&head_out).await
-                    }
-                    None => client.write_all(chunk).await,
-                };
-                if written.is_err() {
+        ResponseFraming::Close => loop {
+            let chunk = upstream.conn.pending();
+            collect(chunk);
+            staged.extend_from_slice(chunk);
+            upstream.conn.clear();
+            let topped = top_up(upstream, &mut staged, u64::MAX, &mut collect);
+            if !staged.is_empty() {
+                if client.write_all(&staged).await.is_err() {
                     break Err(());
                 }
-                upstream.conn.clear();
-                upstream
-                    .conn
-                    .set_read_timeout(Some(shard.config.request_timeout));
-                match upstream.conn.fill(crate::client::UPSTREAM_BUFFER).await {
-                    Ok(0) => break Ok(BodyEnd::Complete),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                        break Ok(BodyEnd::Failed(ErrorKind::Timeout))
-                    }
-                    Err(_) => break Ok(BodyEnd::Failed(ErrorKind::Reset)),
-                }
+                staged.clear();
             }
+            match topped.stop {
+                Stop::Full => continue,
+                Stop::Closed => break Ok(BodyEnd::Complete),
+                Stop::Failed => break Ok(BodyEnd::Failed(ErrorKind::Reset)),
+                Stop::Empty => {}
+            }
+            upstream
+                .conn
+                .set_read_timeout(Some(shard.config.request_timeout));
+            match upstream.conn.fill(crate::client::UPSTREAM_BUFFER).await {
+                Ok(0) => break Ok(BodyEnd::Complete),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    break Ok(BodyEnd::Failed(ErrorKind::Timeout))
+                }
+                Err(_) => break Ok(BodyEnd::Failed(ErrorKind::Reset)),
+            }
+        },
+    }
+}
+
+/// Why `top_up` stopped reading.
+enum Stop {
+    /// `staged` is full or the limit was reached: send, then top up again.
+    Full,
+    /// Nothing more is ready: send, then wait for the backend.
+    Empty,
+    /// The backend closed the connection.
+    Closed,
+    /// The backend connection failed.
+    Failed,
+}
+
+struct TopUp {
+    read: u64,
+    stop: Stop,
+}
+
+/// Appends to `staged` (up to `BODY_BUFFER`, and at most `limit` bytes) what the backend has
+/// ready right now, without waiting, passing each piece to `collect` too. The connection's own
+/// buffer must be empty.
+fn top_up(
+    upstream: &Upstream,
+    staged: &mut Vec<u8>,
+    limit: u64,
+    collect: &mut impl FnMut(&[u8]),
+) -> TopUp {
+    let mut read = 0u64;
+    loop {
+        let room = (BODY_BUFFER.saturating_sub(staged.len()) as u64).min(limit - read) as usize;
+        if room == 0 {
+            return TopUp {
+                read,
+                stop: Stop::Full,
+            };
         }
+        let before = staged.len();
+        let stop = match upstream.conn.try_read_into(staged, room) {
+            Ok(Some(0)) => Stop::Closed,
+            Ok(Some(n)) => {
+                collect(&staged[before..]);
+                read += n as u64;
+                continue;
+            }
+            Ok(None) => Stop::Empty,
+            Err(_) => Stop::Failed,
+        };
+        return TopUp { read, stop };
     }
 }
 

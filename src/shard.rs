@@ -20,6 +20,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use log::{debug, info, warn};
 
 use crate::balancer::{Backend, Balancer, Pick};
+use crate::buffers::BufferPool;
 use crate::cache::{shard_capacity, Cache, CacheKey};
 use crate::client::Pool;
 use crate::config::Config;
@@ -171,6 +172,8 @@ pub struct Shard {
     pub active_connections: Cell<usize>,
     /// Cache misses being fetched right now, by key: later misses wait for them.
     pub flights: RefCell<HashMap<CacheKey, Rc<Signal>>>,
+    /// Large buffers for streaming response bodies (see `buffers`).
+    pub body_buffers: BufferPool,
 }
 
 impl Shard {
@@ -295,6 +298,7 @@ pub fn start(
                     shutdown: Signal::default(),
                     active_connections: Cell::new(0),
                     flights: RefCell::new(HashMap::new()),
+                    body_buffers: BufferPool::new(),
                     config,
                 });
                 shard.apply(&initial);

@@ -1,6 +1,7 @@
 //! A glommio TCP stream with its own reusable receive buffer, and a two-way byte tunnel.
 
 use std::io;
+use std::os::unix::io::AsRawFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -68,6 +69,40 @@ impl Conn {
         Ok(n)
     }
 
+    /// Reads whatever the socket holds right now (at most `max` bytes) straight into `dst`'s
+    /// spare room, without waiting and without going through this connection's buffer (which
+    /// must be empty, or bytes would be reordered). `Ok(None)`: nothing ready; `Ok(Some(0))`:
+    /// the peer closed.
+    #[allow(unsafe_code)]
+    pub fn try_read_into(&self, dst: &mut Vec<u8>, max: usize) -> io::Result<Option<usize>> {
+        debug_assert!(!self.has_pending());
+        dst.reserve(max);
+        let spare = &mut dst.spare_capacity_mut()[..max];
+        let got = recv_now(&self.stream, spare.as_mut_ptr().cast(), max)?;
+        if let Some(n) = got {
+            // SAFETY: the kernel initialised the first `n` bytes of the spare room.
+            unsafe { dst.set_len(dst.len() + n) };
+        }
+        Ok(got)
+    }
+
+    /// Like `fill`, but only takes what the socket holds right now (`Ok(None)`: nothing ready,
+    /// or the buffer is full).
+    pub fn try_fill(&mut self) -> io::Result<Option<usize>> {
+        if self.end == self.buf.len() {
+            if self.start == 0 {
+                return Ok(None);
+            }
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let room = &mut self.buf[self.end..];
+        let got = recv_now(&self.stream, room.as_mut_ptr(), room.len())?;
+        self.end += got.unwrap_or(0);
+        Ok(got)
+    }
+
     /// Sets how long the next read may wait (`None` = forever).
     pub fn set_read_timeout(&self, timeout: Option<Duration>) {
         let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
@@ -76,6 +111,23 @@ impl Conn {
 
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.write_all(bytes).await
+    }
+}
+
+/// One non-blocking recv(2) into `len` bytes at `dst`: `Ok(None)` when nothing is ready.
+/// (glommio's own read would arm an io_uring poll and wait; callers use this to top up a send
+/// with bytes already queued, before deciding to wait.)
+#[allow(unsafe_code)]
+fn recv_now(stream: &TcpStream, dst: *mut u8, len: usize) -> io::Result<Option<usize>> {
+    // SAFETY: callers pass `len` writable bytes at `dst`; recv writes at most `len` bytes.
+    let n = unsafe { libc::recv(stream.as_raw_fd(), dst.cast(), len, libc::MSG_DONTWAIT) };
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let err = io::Error::last_os_error();
+    match err.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+        _ => Err(err),
     }
 }
 
