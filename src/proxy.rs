@@ -27,7 +27,7 @@ use crate::shard::Shard;
 use crate::stream::Conn;
 
 /// Initial receive buffer of a client connection; grows only for large heads.
-const CLIENT_BUFFER: usize = 16 * 1024;
+pub const CLIENT_BUFFER: usize = 16 * 1024;
 /// A head may fill the buffer up to the head limit plus room to detect going over it.
 const CLIENT_BUFFER_MAX: usize = crate::http::MAX_HEAD_BYTES + 16 * 1024;
 /// Request bodies up to this size are read whole before forwarding, so the request can be
@@ -57,10 +57,10 @@ pub enum Next {
 
 /// Serves one accepted client connection until it closes.
 pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr>) {
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY comes from the listener (Linux copies it to accepted sockets).
     let _ = stream.set_write_timeout(Some(shard.config.client_idle_timeout));
     let client_ip = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
-    let mut client = Conn::new(stream, CLIENT_BUFFER);
+    let mut client = Conn::with_buffer(stream, shard.client_buffers.take_filled());
     let mut head = RequestHead::default();
     let mut first = true;
     loop {
@@ -87,6 +87,7 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr
             }
         }
     }
+    shard.client_buffers.put_filled(client.into_buffer());
 }
 
 enum HeadRead {
@@ -144,7 +145,7 @@ async fn read_head(
             }
             client.set_read_timeout(Some(config.client_idle_timeout.min(FIRST_REQUEST_GRACE)));
             match client.fill(CLIENT_BUFFER_MAX).await {
-                Ok(n) if n > 0 => deadline = Some(Instant::now() + config.client_header_timeout),
+                Ok(n) if n > 0 => {}
                 _ => return HeadRead::Closed,
             }
         } else {
@@ -158,9 +159,9 @@ async fn read_head(
             )
             .await;
             match read {
-                Some(Ok(n)) if n > 0 => {
-                    deadline = Some(Instant::now() + config.client_header_timeout)
-                }
+                // The header deadline starts when a head turns out to be incomplete (the
+                // `get_or_insert_with` above): most heads arrive whole, and need no clock read.
+                Some(Ok(n)) if n > 0 => {}
                 // Shutdown while waiting for a first request: the grace branch above serves it.
                 None if first => continue,
                 _ => return HeadRead::Closed,

@@ -20,11 +20,12 @@ use glommio::{LocalExecutorBuilder, Placement};
 use log::{debug, info, warn};
 
 use crate::balancer::{Backend, Balancer, Pick};
-use crate::buffers::BufferPool;
+use crate::buffers::{BufferPool, BODY_BUFFER};
 use crate::cache::{shard_capacity, Cache, CacheKey};
 use crate::client::Pool;
 use crate::config::Config;
 use crate::metrics::{BackendStats, ShardMetrics};
+use crate::proxy::CLIENT_BUFFER;
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -174,6 +175,8 @@ pub struct Shard {
     pub flights: RefCell<HashMap<CacheKey, Rc<Signal>>>,
     /// Large buffers for streaming response bodies (see `buffers`).
     pub body_buffers: BufferPool,
+    /// Receive buffers of client connections.
+    pub client_buffers: BufferPool,
 }
 
 impl Shard {
@@ -298,7 +301,8 @@ pub fn start(
                     shutdown: Signal::default(),
                     active_connections: Cell::new(0),
                     flights: RefCell::new(HashMap::new()),
-                    body_buffers: BufferPool::new(),
+                    body_buffers: BufferPool::new(BODY_BUFFER, 32),
+                    client_buffers: BufferPool::new(CLIENT_BUFFER, 256),
                     config,
                 });
                 shard.apply(&initial);
@@ -340,6 +344,8 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     // Non-blocking: the (patched) glommio listener then accepts with one accept(2) per
     // connection and polls only when the queue is empty.
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it, which saves a setsockopt(2) per connection.
+    socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     // SAFETY: `into_raw_fd` hands over sole ownership of a listening socket descriptor.

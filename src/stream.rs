@@ -19,12 +19,22 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(stream: TcpStream, capacity: usize) -> Self {
+        Self::with_buffer(stream, vec![0; capacity])
+    }
+
+    /// A connection reading into `buf` (its length is the initial capacity).
+    pub fn with_buffer(stream: TcpStream, buf: Vec<u8>) -> Self {
         Conn {
             stream,
-            buf: vec![0; capacity],
+            buf,
             start: 0,
             end: 0,
         }
+    }
+
+    /// The receive buffer, for reuse once the connection is done.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
     }
 
     pub fn pending(&self) -> &[u8] {

@@ -457,7 +457,11 @@ fn record_stats<Ring: UringCommon>(
     src: &mut InnerSource,
     res: &io::Result<usize>,
 ) {
-    src.wakers.fulfilled_at = Some(Instant::now());
+    // balancer patch: the timestamps only feed latency statistics; a clock read per
+    // completion is wasted on sources that collect none (all of the balancer's sockets).
+    if src.stats_collection.and_then(|x| x.latency).is_some() {
+        src.wakers.fulfilled_at = Some(Instant::now());
+    }
     if let Some(fulfilled) = src.stats_collection.and_then(|x| x.fulfilled) {
         fulfilled(res, ring.io_stats_mut(), 1);
         if let Some(handle) = src.task_queue {
@@ -1997,7 +2001,13 @@ fn queue_request_into_ring(
     descriptor: UringOpDescriptor,
     source_map: &mut SourceMap,
 ) {
-    source.inner.borrow_mut().wakers.queued_at = Some(Instant::now());
+    // balancer patch: as in `record_stats`, only sources with latency statistics are timed.
+    {
+        let mut inner = source.inner.borrow_mut();
+        if inner.stats_collection.and_then(|x| x.latency).is_some() {
+            inner.wakers.queued_at = Some(Instant::now());
+        }
+    }
     let q = ring.submission_queue();
     let id = source_map.add_source(source, Rc::clone(&q));
 
