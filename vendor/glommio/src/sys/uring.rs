@@ -1226,6 +1226,9 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// balancer patch: the latency timer above is a preemption timer (not a user timer), so a
+    /// still pending one can be kept instead of cancelled and re-armed.
+    latency_timer_is_preempt: Cell<bool>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1357,6 +1360,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_timer_is_preempt: Cell::new(false),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1824,16 +1828,29 @@ impl Reactor {
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        //
+        // balancer patch: glommio re-armed both preemption timers on every call, which is
+        // every turn of the executor loop: a TIMEOUT, a linked WRITE and two ASYNC_CANCELs
+        // each time. When turns handle one request each (a connection per request), that was
+        // most of the io_uring traffic. A pending preemption timer is now kept: it fires at
+        // most one preemption period (or ring depth of completions) after it was armed, which
+        // only makes a preemption come early; a user timer is still replaced every time.
+        let keep_preempt = self.latency_timer_is_preempt.get()
+            && Self::timer_pending(&self.latency_preemption_timeout_src);
+        if !keep_preempt {
+            drop(self.latency_preemption_timeout_src.take());
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        if !Self::timer_pending(&self.throughput_preemption_timeout_src) {
+            self.throughput_preemption_timeout_src.replace(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1857,6 +1874,7 @@ impl Reactor {
             if let Some(dur) = user_timer {
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                self.latency_timer_is_preempt.set(false);
                 assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -1884,8 +1902,13 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            if !(self.latency_timer_is_preempt.get()
+                && Self::timer_pending(&self.latency_preemption_timeout_src))
+            {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                self.latency_timer_is_preempt.set(true);
+            }
             flush_rings!(lat_ring, main_ring)?;
         }
 
@@ -1897,6 +1920,14 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// balancer patch: whether a timer source is armed and has not completed yet.
+    fn timer_pending(cell: &Cell<Option<Source>>) -> bool {
+        let src = cell.take();
+        let pending = src.as_ref().map_or(false, |s| s.result().is_none());
+        cell.set(src);
+        pending
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
