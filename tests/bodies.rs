@@ -171,3 +171,83 @@ fn an_expect_100_continue_upload_gets_100_then_200_with_the_body_intact() {
 fn a_small_expect_100_continue_upload_gets_100_then_200_with_the_body_intact() {
     upload_after_continue(1024, 7);
 }
+
+/// A backend that answers each request on a connection with a 200 KiB body written in uneven
+/// pieces with pauses between some of them, in the framing the request path names
+/// (`/length`, `/chunked`, or `/close`: delimited by closing the connection). The balancer
+/// gathers what has arrived before each send; bytes must still come out exact and in order,
+/// and a connection must stay usable after a response that ended mid-gather.
+fn trickling_backend() -> RawBackend {
+    RawBackend::start(Arc::new(|conn: TcpStream| {
+        let _ = conn.set_nodelay(true);
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        while let Some((_method, path, _headers)) = read_request(&mut reader) {
+            let body = pattern(TRICKLE, 9);
+            let head = match path.as_str() {
+                "/length" => format!("HTTP/1.1 200 OK\r\nContent-Length: {TRICKLE}\r\n\r\n"),
+                "/chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+                _ => "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".into(),
+            };
+            if writer.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            let sizes = [1, 700, 16_384, 3, 65_536, 10_000, 1];
+            let (mut sent, mut i) = (0, 0);
+            while sent < body.len() {
+                let n = sizes[i % sizes.len()].min(body.len() - sent);
+                let piece = &body[sent..sent + n];
+                let written = if path == "/chunked" {
+                    let mut framed = format!("{n:x}\r\n").into_bytes();
+                    framed.extend_from_slice(piece);
+                    framed.extend_from_slice(b"\r\n");
+                    writer.write_all(&framed)
+                } else {
+                    writer.write_all(piece)
+                };
+                if written.is_err() {
+                    return;
+                }
+                sent += n;
+                i += 1;
+                if i % 3 == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            }
+            if path == "/chunked" && writer.write_all(b"0\r\n\r\n").is_err() {
+                return;
+            }
+            if path == "/close" {
+                return;
+            }
+        }
+    }))
+}
+
+const TRICKLE: usize = 200 * 1024;
+
+#[test]
+fn bodies_arriving_in_uneven_pieces_with_pauses_come_out_exact_in_every_framing() {
+    let backend = trickling_backend();
+    let set = server_set(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::start(&[("BACKENDS", set.as_str())]);
+    let expected = hash(&pattern(TRICKLE, 9));
+    let (mut writer, mut reader) = open(&balancer);
+    // Twice each on one client connection: the second proves the first left no stray bytes.
+    for path in ["/length", "/chunked", "/length", "/chunked"] {
+        writer
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+            .unwrap();
+        let resp = read_response(&mut reader, false).expect("a complete response");
+        assert_eq!(resp.status, 200, "{path}");
+        assert_eq!(resp.body.len(), TRICKLE, "{path}: body length");
+        assert_eq!(hash(&resp.body), expected, "{path}: body bytes");
+    }
+    writer
+        .write_all(b"GET /close HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut reader, false).expect("a complete close-delimited response");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body.len(), TRICKLE, "/close: body length");
+    assert_eq!(hash(&resp.body), expected, "/close: body bytes");
+}
