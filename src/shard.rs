@@ -106,17 +106,25 @@ impl std::fmt::Display for StartupError {
 }
 
 /// One-shot broadcast inside a shard: shutdown wakes the accept loop and idle connections.
+/// Every keep-alive wait registers here, so waiters live in a slab (a slot index each, reused
+/// through a free list) rather than a hash map.
 #[derive(Default)]
 pub struct Signal {
     fired: Cell<bool>,
-    waiters: RefCell<HashMap<u64, Waker>>,
-    next_id: Cell<u64>,
+    waiters: RefCell<Vec<Option<Waker>>>,
+    free_slots: RefCell<Vec<usize>>,
 }
 
 impl Signal {
     pub fn fire(&self) {
         self.fired.set(true);
-        for (_, w) in self.waiters.borrow_mut().drain() {
+        let wakers: Vec<Waker> = self
+            .waiters
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        for w in wakers {
             w.wake();
         }
     }
@@ -125,35 +133,59 @@ impl Signal {
     }
     /// A future that completes once the signal fires.
     pub fn wait(&self) -> SignalWait<'_> {
-        let id = self.next_id.get();
-        self.next_id.set(id + 1);
-        SignalWait { signal: self, id }
+        SignalWait {
+            signal: self,
+            slot: None,
+        }
+    }
+    /// Waiters currently registered (for tests).
+    pub fn waiting(&self) -> usize {
+        self.waiters.borrow().iter().filter(|w| w.is_some()).count()
     }
 }
 
 pub struct SignalWait<'a> {
     signal: &'a Signal,
-    id: u64,
+    slot: Option<usize>,
 }
 
 impl Future for SignalWait<'_> {
     type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if self.signal.fired.get() {
             return Poll::Ready(());
         }
-        self.signal
-            .waiters
-            .borrow_mut()
-            .insert(self.id, cx.waker().clone());
+        let mut waiters = self.signal.waiters.borrow_mut();
+        let slot = match self.slot {
+            Some(slot) => slot,
+            None => match self.signal.free_slots.borrow_mut().pop() {
+                Some(slot) => slot,
+                None => {
+                    waiters.push(None);
+                    waiters.len() - 1
+                }
+            },
+        };
+        match &mut waiters[slot] {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            entry => *entry = Some(cx.waker().clone()),
+        }
+        drop(waiters);
+        self.slot = Some(slot);
         Poll::Pending
     }
 }
 
 impl Drop for SignalWait<'_> {
     fn drop(&mut self) {
-        if let Ok(mut w) = self.signal.waiters.try_borrow_mut() {
-            w.remove(&self.id);
+        if let Some(slot) = self.slot {
+            if let (Ok(mut waiters), Ok(mut free)) = (
+                self.signal.waiters.try_borrow_mut(),
+                self.signal.free_slots.try_borrow_mut(),
+            ) {
+                waiters[slot] = None;
+                free.push(slot);
+            }
         }
     }
 }
@@ -512,5 +544,60 @@ async fn purge_cache_periodically(shard: Rc<Shard>) {
             .unwrap_or(CACHE_GC_INTERVAL)
             .clamp(Duration::from_millis(10), CACHE_GC_INTERVAL);
         glommio::timer::sleep(sleep).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    struct CountingWaker(AtomicUsize);
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll(wait: &mut SignalWait<'_>, waker: &Waker) -> Poll<()> {
+        Pin::new(wait).poll(&mut Context::from_waker(waker))
+    }
+
+    #[test]
+    fn fire_wakes_every_pending_waiter_once_and_later_waits_complete_at_once() {
+        let signal = Signal::default();
+        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(counter.clone());
+        let mut a = signal.wait();
+        let mut b = signal.wait();
+        assert!(poll(&mut a, &waker).is_pending());
+        assert!(poll(&mut b, &waker).is_pending());
+        assert!(
+            poll(&mut a, &waker).is_pending(),
+            "a re-poll keeps one registration"
+        );
+        assert_eq!(signal.waiting(), 2);
+        signal.fire();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+        assert!(poll(&mut a, &waker).is_ready());
+        assert!(poll(&mut signal.wait(), &waker).is_ready());
+    }
+
+    #[test]
+    fn dropped_waiters_free_their_slot_for_the_next_one() {
+        let signal = Signal::default();
+        let waker = Waker::noop();
+        for _ in 0..1000 {
+            let mut w = signal.wait();
+            assert!(poll(&mut w, waker).is_pending());
+            assert_eq!(signal.waiting(), 1);
+        }
+        assert_eq!(signal.waiting(), 0);
+        assert_eq!(
+            signal.waiters.borrow().len(),
+            1,
+            "one slot, reused 1000 times"
+        );
     }
 }
