@@ -223,6 +223,8 @@ pub(crate) struct NonBufferedStream<S> {
     source_rx: Option<Source>,
     write_timeout: Timeout,
     read_timeout: Timeout,
+    /// balancer patch: arm a read poll right after a short read (see `poll_read`).
+    early_poll: Cell<bool>,
 }
 
 impl<S: AsRawFd> NonBufferedStream<S> {
@@ -276,7 +278,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
                 // Start an early poll if the buffer is not fully filled. So when
                 // the next time `poll_read` is called, it will be known immediately
                 // whether the underlying stream is ready for reading.
-                if result > 0 && result < buf.len() {
+                if result > 0 && result < buf.len() && self.early_poll.get() {
                     self.source_rx = Some(reactor.poll_read_ready(self.stream.as_raw_fd()));
                     // The `rush_dispatch`s here and after could be removed to
                     // improve performance if #458 is handled appropriately.
@@ -369,6 +371,7 @@ where
             source_rx: None,
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
+            early_poll: Cell::new(true),
         };
         // balancer patch: no poll is armed up front. A client's request usually arrives with
         // (or before) the accept, and the first read tries recv(2) before arming one anyway;
@@ -487,6 +490,10 @@ impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
 
     pub(crate) fn set_read_timeout(&self, dur: Option<Duration>) -> Result<()> {
         self.stream.read_timeout.set(dur)
+    }
+
+    pub(crate) fn set_early_read_poll(&self, on: bool) {
+        self.stream.early_poll.set(on);
     }
 
     pub(crate) fn write_timeout(&self) -> Option<Duration> {
