@@ -415,14 +415,15 @@ async fn run(
     }
 
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shard.shutdown.wait().await;
-            None
-        })
-        .await;
+        let accepted =
+            futures_lite::future::or(async { Some(listener.accept_with_peer().await) }, async {
+                shard.shutdown.wait().await;
+                None
+            })
+            .await;
         match accepted {
             None => break,
-            Some(Ok(stream)) => spawn_connection(&shard, stream),
+            Some(Ok((stream, peer))) => spawn_connection(&shard, stream, peer),
             Some(Err(e)) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 warn!("accept failed on shard {}: {e}", shard.id);
@@ -432,15 +433,17 @@ async fn run(
     }
     // Connections that completed the handshake before the listener closes would be reset
     // with it: take them now and serve them like the rest.
-    while let Some(Ok(stream)) = futures_lite::future::poll_once(listener.accept()).await {
-        spawn_connection(&shard, stream);
+    while let Some(Ok((stream, peer))) =
+        futures_lite::future::poll_once(listener.accept_with_peer()).await
+    {
+        spawn_connection(&shard, stream, peer);
     }
     drop(listener);
     drain(&shard).await;
 }
 
-fn spawn_connection(shard: &Rc<Shard>, stream: glommio::net::TcpStream) {
-    let peer = stream.peer_addr().ok();
+fn spawn_connection(shard: &Rc<Shard>, stream: glommio::net::TcpStream, peer: Option<SocketAddr>) {
+    let peer = peer.or_else(|| stream.peer_addr().ok());
     // Counted before the task first runs, so a drain starting right now waits for it.
     shard
         .active_connections

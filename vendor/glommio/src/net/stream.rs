@@ -228,7 +228,6 @@ pub(crate) struct NonBufferedStream<S> {
 }
 
 impl<S: AsRawFd> NonBufferedStream<S> {
-    #[allow(dead_code)]
     fn init(&mut self) {
         let reactor = self.reactor.upgrade().unwrap();
         let stream_fd = self.stream.as_raw_fd();
@@ -373,10 +372,7 @@ where
             read_timeout: Timeout::new(reactor.register_timer()),
             early_poll: Cell::new(true),
         };
-        // balancer patch: no poll is armed up front. A client's request usually arrives with
-        // (or before) the accept, and the first read tries recv(2) before arming one anyway;
-        // an up-front poll cost an io_uring round trip per connection, and a cancellation
-        // when the connection closed before it fired.
+        stream.init();
         GlommioStream {
             stream,
             rx_buf: NonBuffered,

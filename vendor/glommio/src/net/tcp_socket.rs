@@ -177,9 +177,15 @@ impl TcpListener {
             // balancer patch: a non-blocking listener is accepted from directly, one
             // accept(2) per connection, waiting for readiness only when the queue is empty
             // (instead of three fcntl(2) calls around every accept).
+            // The peer address comes with the accept, saving a getpeername(2) later.
             loop {
-                match crate::sys::accept_syscall(raw_fd) {
-                    Ok(fd) => return Ok(AcceptedTcpStream { fd }),
+                match self.listener.accept() {
+                    Ok((stream, peer)) => {
+                        return Ok(AcceptedTcpStream {
+                            fd: stream.into_raw_fd(),
+                            peer: Some(peer),
+                        })
+                    }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                         reactor.poll_read_ready(raw_fd).collect_rw().await?;
                     }
@@ -191,14 +197,17 @@ impl TcpListener {
         if let Some(r) = yolo_accept(raw_fd) {
             match r {
                 Ok(fd) => {
-                    return Ok(AcceptedTcpStream { fd });
+                    return Ok(AcceptedTcpStream { fd, peer: None });
                 }
                 Err(err) => return Err(GlommioError::IoError(err)),
             }
         }
         let source = reactor.accept(self.listener.as_raw_fd());
         let fd = source.collect_rw().await?;
-        Ok(AcceptedTcpStream { fd: fd as RawFd })
+        Ok(AcceptedTcpStream {
+            fd: fd as RawFd,
+            peer: None,
+        })
     }
 
     /// Accepts a new incoming TCP connection in this executor
@@ -228,6 +237,14 @@ impl TcpListener {
     pub async fn accept(&self) -> Result<TcpStream> {
         let a = self.shared_accept().await?;
         Ok(a.bind_to_executor())
+    }
+
+    /// balancer patch: `accept` plus the peer's address when the accept reported it (a
+    /// non-blocking listener does), so callers need no getpeername(2) per connection.
+    pub async fn accept_with_peer(&self) -> Result<(TcpStream, Option<SocketAddr>)> {
+        let a = self.shared_accept().await?;
+        let peer = a.peer;
+        Ok((a.bind_to_executor(), peer))
     }
 
     /// Creates a stream of incoming connections
@@ -328,6 +345,8 @@ impl TcpListener {
 /// [`bind_to_executor`]: AcceptedTcpStream::bind_to_executor
 pub struct AcceptedTcpStream {
     fd: RawFd,
+    /// balancer patch: the remote address, when the accept reported it.
+    peer: Option<SocketAddr>,
 }
 
 impl AcceptedTcpStream {
