@@ -306,6 +306,10 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // balancer patch: pairs with the fence in `Reactor::wait` before it sleeps (a Dekker
+        // pattern): either the sleeper sees what this thread queued before calling us, or we
+        // see its `should_notify`. It replaces a membarrier(2) syscall on every sleep.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)

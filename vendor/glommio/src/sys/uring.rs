@@ -1885,7 +1885,10 @@ impl Reactor {
             // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
             // details. This translates to `sys_membarrier()` /
             // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // balancer patch: a SeqCst fence paired with the one in `SleepNotifier::notify`
+            // (every remote wake-up goes through it) gives the same guarantee as the
+            // asymmetric membarrier(2), without a syscall each time the shard goes idle.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
