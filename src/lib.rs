@@ -23,9 +23,8 @@
 //! Pure modules (`config`, `queue`, `balancer`, `backoff`, `http`, `body`, `cache`,
 //! `metrics`, `buffers`) take time and randomness as parameters and do no I/O; glue modules
 //! (`shard`, `proxy`, `lookup`, `relay`, `client`, `stream`, `socket`, `admin`, `resolve`) do
-//! I/O and hold no policy. A shard's buffers (`buffers`) are pooled last-in first-out, so the
-//! request path reuses memory that is still in the CPU cache and allocates nothing per request
-//! for its I/O.
+//! I/O and hold no policy. A shard's I/O buffers (`buffers`) are pooled last-in first-out, so
+//! the request path reuses memory still in the CPU cache instead of allocating per request.
 #![deny(unsafe_code)]
 
 pub mod admin;

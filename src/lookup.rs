@@ -116,7 +116,8 @@ async fn serve_hit(
 ) -> Next {
     shard.metrics.cache_hits.inc();
     let keep_alive = head.keep_alive && !shard.shutdown.is_fired();
-    let out = render_hit(entry, head, keep_alive);
+    let mut out = shard.body_buffers.take();
+    render_hit(entry, head, keep_alive, &mut out);
     client.consume(head.head_len);
     let written = client.write_all(&out).await.is_ok();
     shard
@@ -130,14 +131,14 @@ async fn serve_hit(
 }
 
 /// A cached response rendered for the client: stored headers plus Age and X-Cache.
-fn render_hit(entry: &CachedResponse, head: &RequestHead, keep_alive: bool) -> Vec<u8> {
+fn render_hit(entry: &CachedResponse, head: &RequestHead, keep_alive: bool, out: &mut Vec<u8>) {
     use std::io::Write as _;
     let body = if head.is_head {
         &[][..]
     } else {
         &entry.body[..]
     };
-    let mut out = Vec::with_capacity(256 + body.len());
+    out.reserve(256 + body.len());
     let _ = write!(
         out,
         "HTTP/1.1 {} {}\r\n",
@@ -163,5 +164,4 @@ fn render_hit(entry: &CachedResponse, head: &RequestHead, keep_alive: bool) -> V
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
-    out
 }

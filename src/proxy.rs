@@ -239,7 +239,7 @@ async fn handle_request(
     };
 
     // The request as the backend will see it, built once and replayed on retries.
-    let mut request = Vec::with_capacity(head.head_len + 256);
+    let mut request = shard.request_buffers.take();
     write_forward_request(head, client.pending(), client_ip, &mut request);
     let plan = match head.framing {
         RequestFraming::None => BodyPlan::Buffered,
@@ -303,7 +303,7 @@ async fn handle_request(
         let exchange = Exchange {
             shard,
             head,
-            request: &request,
+            request: &request[..],
             plan,
             candidate: candidate.as_ref(),
             started,

@@ -209,6 +209,9 @@ pub struct Shard {
     pub body_buffers: BufferPool,
     /// Receive buffers of client connections.
     pub client_buffers: BufferPool,
+    /// Requests as forwarded to a backend (head, plus a body small enough to replay); one
+    /// grown by a large body is freed rather than kept.
+    pub request_buffers: BufferPool,
 }
 
 impl Shard {
@@ -335,6 +338,7 @@ pub fn start(
                     flights: RefCell::new(HashMap::new()),
                     body_buffers: BufferPool::new(BODY_BUFFER, 32),
                     client_buffers: BufferPool::new(CLIENT_BUFFER, 256),
+                    request_buffers: BufferPool::new(4 * 1024, 256),
                     config,
                 });
                 shard.apply(&initial);
