@@ -54,7 +54,8 @@ impl BufferPool {
     }
 
     /// Buffers waiting for reuse.
-    pub fn idle(&self) -> usize {
+    #[cfg(test)]
+    fn idle(&self) -> usize {
         self.free.borrow().len()
     }
 

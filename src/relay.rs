@@ -381,11 +381,8 @@ async fn stream_body(
                 remaining -= take as u64;
                 let topped = top_up(upstream, &mut staged, remaining, &mut collect);
                 remaining -= topped.read;
-                if !staged.is_empty() {
-                    if client.write_all(&staged).await.is_err() {
-                        break Err(());
-                    }
-                    staged.clear();
+                if send_staged(client, &mut staged).await.is_err() {
+                    break Err(());
                 }
                 if remaining == 0 {
                     break Ok(BodyEnd::Complete);
@@ -430,11 +427,8 @@ async fn stream_body(
                         Err(_) => Stop::Failed,
                     };
                 }
-                if !staged.is_empty() {
-                    if client.write_all(&staged).await.is_err() {
-                        break Err(());
-                    }
-                    staged.clear();
+                if send_staged(client, &mut staged).await.is_err() {
+                    break Err(());
                 }
                 if decoder.is_done() {
                     break Ok(BodyEnd::Complete);
@@ -453,11 +447,8 @@ async fn stream_body(
             staged.extend_from_slice(chunk);
             upstream.conn.clear();
             let topped = top_up(upstream, &mut staged, u64::MAX, &mut collect);
-            if !staged.is_empty() {
-                if client.write_all(&staged).await.is_err() {
-                    break Err(());
-                }
-                staged.clear();
+            if send_staged(client, &mut staged).await.is_err() {
+                break Err(());
             }
             match topped.stop {
                 Stop::Full => continue,
@@ -465,9 +456,6 @@ async fn stream_body(
                 Stop::Failed => break Ok(BodyEnd::Failed(ErrorKind::Reset)),
                 Stop::Empty => {}
             }
-            upstream
-                .conn
-                .set_read_timeout(Some(shard.config.request_timeout));
             match upstream.conn.fill(crate::client::UPSTREAM_BUFFER).await {
                 Ok(0) => break Ok(BodyEnd::Complete),
                 Ok(_) => {}
@@ -478,6 +466,15 @@ async fn stream_body(
             }
         },
     }
+}
+
+/// Sends what `staged` holds (if anything) and empties it for the next gather.
+async fn send_staged(client: &mut Conn, staged: &mut Vec<u8>) -> io::Result<()> {
+    if !staged.is_empty() {
+        client.write_all(staged).await?;
+        staged.clear();
+    }
+    Ok(())
 }
 
 /// Why `top_up` stopped reading.

@@ -138,8 +138,9 @@ impl Signal {
             slot: None,
         }
     }
-    /// Waiters currently registered (for tests).
-    pub fn waiting(&self) -> usize {
+    /// Waiters currently registered.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
         self.waiters.borrow().iter().filter(|w| w.is_some()).count()
     }
 }

@@ -62,12 +62,8 @@ impl Conn {
     /// Reads more bytes after the pending ones, growing the buffer (up to `max_capacity`) only
     /// when the pending bytes already fill it. `Ok(0)` means the peer closed.
     pub async fn fill(&mut self, max_capacity: usize) -> io::Result<usize> {
-        if self.end == self.buf.len() {
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            } else if self.buf.len() < max_capacity {
+        if self.end == self.buf.len() && !self.compact() {
+            if self.buf.len() < max_capacity {
                 let grown = (self.buf.len() * 2).min(max_capacity);
                 self.buf.resize(grown, 0);
             } else {
@@ -77,6 +73,18 @@ impl Conn {
         let n = self.stream.read(&mut self.buf[self.end..]).await?;
         self.end += n;
         Ok(n)
+    }
+
+    /// Moves the pending bytes to the front of the buffer; false when they already start there
+    /// (so only growing would make room).
+    fn compact(&mut self) -> bool {
+        if self.start == 0 {
+            return false;
+        }
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        true
     }
 
     /// Reads whatever the socket holds right now (at most `max` bytes) straight into `dst`'s
@@ -99,13 +107,8 @@ impl Conn {
     /// Like `fill`, but only takes what the socket holds right now (`Ok(None)`: nothing ready,
     /// or the buffer is full).
     pub fn try_fill(&mut self) -> io::Result<Option<usize>> {
-        if self.end == self.buf.len() {
-            if self.start == 0 {
-                return Ok(None);
-            }
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+        if self.end == self.buf.len() && !self.compact() {
+            return Ok(None);
         }
         let room = &mut self.buf[self.end..];
         let got = recv_now(&self.stream, room.as_mut_ptr(), room.len())?;
