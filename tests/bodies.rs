@@ -83,6 +83,23 @@ fn a_50_mib_chunked_upload_arrives_intact() {
     assert_backend_got(&backend, &body);
 }
 
+/// Sends `GET path` on an open client connection and asserts a complete 200 whose body is
+/// exactly `expected`.
+fn assert_download(
+    writer: &mut TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    path: &str,
+    expected: &[u8],
+) {
+    writer
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+        .unwrap();
+    let resp = read_response(reader, false).expect("a complete response");
+    assert_eq!(resp.status, 200, "{path}");
+    assert_eq!(resp.body.len(), expected.len(), "{path}: body length");
+    assert_eq!(hash(&resp.body), hash(expected), "{path}: body bytes");
+}
+
 #[test]
 fn a_50_mib_download_with_content_length_arrives_intact() {
     let (_backend, balancer) = proxy(Arc::new(|_: &Seen| {
@@ -95,13 +112,7 @@ fn a_50_mib_download_with_content_length_arrives_intact() {
     }
     }));
     let (mut writer, mut reader) = open(&balancer);
-    writer
-        .write_all(b"GET /download HTTP/1.1\r\nHost: test\r\n\r\n")
-        .unwrap();
-    let resp = read_response(&mut reader, false).expect("a complete download");
-    assert_eq!(resp.status, 200);
-    assert_eq!(resp.body.len(), BIG, "body length");
-    assert_eq!(hash(&resp.body), hash(&pattern(BIG, 3)), "body bytes");
+    assert_download(&mut writer, &mut reader, "/download", &pattern(BIG, 3));
 }
 
 #[test]
@@ -116,13 +127,7 @@ fn a_50_mib_chunked_download_arrives_intact() {
     }
     }));
     let (mut writer, mut reader) = open(&balancer);
-    writer
-        .write_all(b"GET /download HTTP/1.1\r\nHost: test\r\n\r\n")
-        .unwrap();
-    let resp = read_response(&mut reader, false).expect("a complete download");
-    assert_eq!(resp.status, 200);
-    assert_eq!(resp.body.len(), BIG, "body length");
-    assert_eq!(hash(&resp.body), hash(&pattern(BIG, 4)), "body bytes");
+    assert_download(&mut writer, &mut reader, "/download", &pattern(BIG, 4));
 }
 
 #[test]
@@ -231,23 +236,11 @@ fn bodies_arriving_in_uneven_pieces_with_pauses_come_out_exact_in_every_framing(
     let backend = trickling_backend();
     let set = server_set(&[(backend.addr, 1.0)]);
     let balancer = Balancer::start(&[("BACKENDS", set.as_str())]);
-    let expected = hash(&pattern(TRICKLE, 9));
+    let expected = pattern(TRICKLE, 9);
     let (mut writer, mut reader) = open(&balancer);
-    // Twice each on one client connection: the second proves the first left no stray bytes.
-    for path in ["/length", "/chunked", "/length", "/chunked"] {
-        writer
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
-            .unwrap();
-        let resp = read_response(&mut reader, false).expect("a complete response");
-        assert_eq!(resp.status, 200, "{path}");
-        assert_eq!(resp.body.len(), TRICKLE, "{path}: body length");
-        assert_eq!(hash(&resp.body), expected, "{path}: body bytes");
+    // Twice each on one client connection: the second proves the first left no stray bytes;
+    // the close-delimited one ends the connection, so it comes last.
+    for path in ["/length", "/chunked", "/length", "/chunked", "/close"] {
+        assert_download(&mut writer, &mut reader, path, &expected);
     }
-    writer
-        .write_all(b"GET /close HTTP/1.1\r\nHost: test\r\n\r\n")
-        .unwrap();
-    let resp = read_response(&mut reader, false).expect("a complete close-delimited response");
-    assert_eq!(resp.status, 200);
-    assert_eq!(resp.body.len(), TRICKLE, "/close: body length");
-    assert_eq!(hash(&resp.body), expected, "/close: body bytes");
 }
