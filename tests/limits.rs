@@ -251,3 +251,64 @@ fn no_server_to_take_the_request_gets_a_short_text_plain_503() {
     let resp = get(balancer.addr, "/anything");
     assert_own_reply(&resp, 503);
 }
+
+/// A backend that answers `/delay/<ms>` after that many milliseconds, anything else at once.
+fn delaying() -> Handler {
+    Arc::new(|seen: &Seen| {
+        let reply = Reply::Bytes(ok(seen.target.as_bytes()));
+        match seen.target.strip_prefix("/delay/").map(str::parse::<u64>) {
+            Some(Ok(ms)) => Reply::Delay(Duration::from_millis(ms), Box::new(reply)),
+            _ => reply,
+        }
+    })
+}
+
+fn get_on(writer: &mut TcpStream, reader: &mut BufReader<TcpStream>, target: &str) -> Response {
+    write!(writer, "GET {target} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    read_response(reader, false).unwrap_or_else(|| panic!("no response to {target}"))
+}
+
+// I/O timers stay armed between waits and are reused while they fire no later than the next
+// wait's deadline (the vendored glommio's lazy `Timeout`). These two tests pin down that a
+// timer left by an earlier wait, firing in the middle of a later one, neither cuts the later
+// wait short nor lets it run past its own deadline.
+
+#[test]
+fn a_backend_wait_outlives_the_deadline_of_the_request_before_it_on_the_same_connection() {
+    let backend = Backend::start(delaying());
+    let set = server_set(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::start(&[("BACKENDS", set.as_str()), ("REQUEST_TIMEOUT", "1")]);
+    let (mut writer, mut reader) = open(&balancer);
+    // Arms the pooled backend connection's read timer for about now + 1 s.
+    assert_eq!(get_on(&mut writer, &mut reader, "/fast").status, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    // Waits from ~0.5 s to ~1.2 s: the first timer fires at ~1 s, inside this wait's own 1 s.
+    let resp = get_on(&mut writer, &mut reader, "/delay/700");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), "/delay/700");
+    assert_eq!(
+        backend.accepts(),
+        1,
+        "both requests used one pooled connection"
+    );
+    // And the timeout still holds once the timer has been re-armed.
+    let resp = get_on(&mut writer, &mut reader, "/delay/2500");
+    assert_eq!(resp.status, 504, "{}", resp.text());
+}
+
+#[test]
+fn an_idle_wait_outlives_the_deadline_of_the_idle_wait_before_it() {
+    let (_backend, balancer) = proxy(&[("CLIENT_IDLE_TIMEOUT", "1")]);
+    let (mut writer, mut reader) = open(&balancer);
+    assert_eq!(get_on(&mut writer, &mut reader, "/first").status, 200);
+    // Each pause is inside the idle timeout but the two together are not: a timer armed for
+    // the first pause fires during the second, which must not close the connection.
+    for target in ["/second", "/third"] {
+        std::thread::sleep(Duration::from_millis(700));
+        let resp = get_on(&mut writer, &mut reader, target);
+        assert_eq!(resp.status, 200, "{target}: {}", resp.text());
+        assert_eq!(resp.text(), target);
+    }
+    let got = read_until_closed(&mut writer, "an idle keep-alive connection");
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+}

@@ -809,6 +809,13 @@ impl Reactor {
         timers.remove(id)
     }
 
+    /// balancer patch: points an armed timer at another task (see `net::stream::Timeout`).
+    pub(crate) fn replace_timer_waker(&self, id: u64, when: Instant, waker: Waker) {
+        if let Some(armed) = self.timers.borrow_mut().timers.get_mut(&(when, id)) {
+            *armed = waker;
+        }
+    }
+
     pub(crate) fn timer_exists(&self, id: &(Instant, u64)) -> bool {
         let timers = self.timers.borrow();
         timers.timers.contains_key(id)

@@ -15,7 +15,7 @@ use std::{
     net::Shutdown,
     os::unix::io::{AsRawFd, FromRawFd, RawFd},
     rc::{Rc, Weak},
-    task::{Context, Poll, Waker},
+    task::{Context, Poll, RawWakerVTable, Waker},
     time::{Duration, Instant},
 };
 
@@ -154,11 +154,23 @@ impl RxBuf for Preallocated {
     }
 }
 
+/// balancer patch: a lazily re-armed I/O timeout. glommio inserted a reactor timer each time a
+/// read or write had to wait and removed it as soon as the wait ended: two ordered-map updates
+/// per wait, on every keep-alive request. Here a timer stays armed after its wait ends, and a
+/// later wait reuses it when it fires no later than that wait's own deadline; when it fires
+/// early, `check` re-arms it for what is left of the wait. A connection busier than its timeout
+/// therefore touches the timer map about once per timeout period instead of twice per wait.
+/// A timer that fires between waits only wakes the last waiting task spuriously.
 #[derive(Debug)]
 struct Timeout {
     id: u64,
     timeout: Cell<Option<Duration>>,
-    timer: Cell<Option<Instant>>,
+    /// The deadline of the timer armed in the reactor, if one may still be armed.
+    armed: Cell<Option<Instant>>,
+    /// Identifies the waker the armed timer wakes (`Waker::data`, `Waker::vtable`).
+    armed_waker: Cell<(*const (), *const RawWakerVTable)>,
+    /// When the current wait started; `None` between waits.
+    waiting_since: Cell<Option<Instant>>,
 }
 
 impl Timeout {
@@ -166,7 +178,9 @@ impl Timeout {
         Self {
             id,
             timeout: Cell::new(None),
-            timer: Cell::new(None),
+            armed: Cell::new(None),
+            armed_waker: Cell::new((std::ptr::null(), std::ptr::null())),
+            waiting_since: Cell::new(None),
         }
     }
 
@@ -184,34 +198,79 @@ impl Timeout {
         Ok(())
     }
 
+    /// The operation has to wait: make sure a timer wakes `waker` by this wait's deadline.
     fn maybe_set_timer(&self, reactor: &Reactor, waker: &Waker) {
-        if let Some(timeout) = self.timeout.get() {
-            if self.timer.get().is_none() {
-                let deadline = Instant::now() + timeout;
+        let Some(timeout) = self.timeout.get() else {
+            return;
+        };
+        let started = match self.waiting_since.get() {
+            Some(started) => started,
+            None => {
+                let now = Instant::now();
+                self.waiting_since.set(Some(now));
+                now
+            }
+        };
+        let deadline = started + timeout;
+        let fingerprint = (waker.data(), waker.vtable() as *const RawWakerVTable);
+        match self.armed.get() {
+            Some(armed) if armed <= deadline && self.still_armed(reactor, armed) => {
+                if self.armed_waker.get() != fingerprint {
+                    reactor.replace_timer_waker(self.id, armed, waker.clone());
+                    self.armed_waker.set(fingerprint);
+                }
+            }
+            _ => {
                 reactor.insert_timer(self.id, deadline, waker.clone());
-                self.timer.set(Some(deadline));
+                self.armed.set(Some(deadline));
+                self.armed_waker.set(fingerprint);
             }
         }
     }
 
-    fn cancel_timer(&self, reactor: &Reactor) {
-        if self.timer.take().is_some() {
+    /// Whether the timer armed for `armed` has not fired yet.
+    fn still_armed(&self, reactor: &Reactor, armed: Instant) -> bool {
+        // Timers fire only once their deadline has passed; the clock read of the wait's start
+        // usually proves that without a map lookup.
+        matches!(self.waiting_since.get(), Some(started) if armed > started)
+            || reactor.timer_exists(&(armed, self.id))
+    }
+
+    /// The wait is over; the armed timer, if any, is left for the next wait.
+    fn cancel_timer(&self, _reactor: &Reactor) {
+        self.waiting_since.set(None);
+    }
+
+    /// Called when a waiting operation is polled again: fails it once its deadline has passed.
+    fn check(&self, reactor: &Reactor) -> io::Result<()> {
+        let (Some(armed), Some(started)) = (self.armed.get(), self.waiting_since.get()) else {
+            return Ok(());
+        };
+        if reactor.timer_exists(&(armed, self.id)) {
+            return Ok(());
+        }
+        reactor.remove_timer(self.id);
+        self.armed.set(None);
+        let expired = self
+            .timeout
+            .get()
+            .is_some_and(|timeout| started.elapsed() >= timeout);
+        if expired {
+            self.waiting_since.set(None);
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "Operation timed out",
+            ));
+        }
+        // Fired early (it was armed by an earlier wait): `maybe_set_timer` re-arms it.
+        Ok(())
+    }
+
+    /// The stream is going away: leave nothing in the reactor.
+    fn disarm(&self, reactor: &Reactor) {
+        if self.armed.take().is_some() {
             reactor.remove_timer(self.id);
         }
-    }
-
-    fn check(&self, reactor: &Reactor) -> io::Result<()> {
-        if let Some(deadline) = self.timer.get() {
-            if !reactor.timer_exists(&(deadline, self.id)) {
-                reactor.remove_timer(self.id);
-                self.timer.take();
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "Operation timed out",
-                ));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -347,6 +406,17 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         how: Shutdown,
     ) -> Poll<io::Result<()>> {
         Poll::Ready(sys::shutdown(self.stream.as_raw_fd(), how))
+    }
+}
+
+/// balancer patch: timers are left armed between waits (see `Timeout`), so a stream removes
+/// its own when it goes away.
+impl<S> Drop for NonBufferedStream<S> {
+    fn drop(&mut self) {
+        if let Some(reactor) = self.reactor.upgrade() {
+            self.read_timeout.disarm(&reactor);
+            self.write_timeout.disarm(&reactor);
+        }
     }
 }
 
