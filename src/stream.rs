@@ -132,8 +132,13 @@ impl Conn {
 /// with bytes already queued, before deciding to wait.)
 #[allow(unsafe_code)]
 fn recv_now(stream: &TcpStream, dst: *mut u8, len: usize) -> io::Result<Option<usize>> {
-    // SAFETY: callers pass `len` writable bytes at `dst`; recv writes at most `len` bytes.
-    let n = unsafe { libc::recv(stream.as_raw_fd(), dst.cast(), len, libc::MSG_DONTWAIT) };
+    // The raw system call rather than glibc's recv(), a pthread cancellation point that
+    // costs two atomic updates per call (as in the vendored glommio's send and recv).
+    let (fd, flags) = (stream.as_raw_fd(), libc::MSG_DONTWAIT);
+    let no_addr = std::ptr::null_mut::<libc::sockaddr>();
+    // SAFETY: callers pass `len` writable bytes at `dst`; recvfrom writes at most `len` bytes
+    // and, with a null address, nothing else.
+    let n = unsafe { libc::syscall(libc::SYS_recvfrom, fd, dst, len, flags, no_addr, no_addr) };
     if n >= 0 {
         return Ok(Some(n as usize));
     }
