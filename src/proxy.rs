@@ -60,18 +60,12 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr
     // TCP_NODELAY comes from the listener (Linux copies it to accepted sockets).
     let _ = stream.set_write_timeout(Some(shard.config.client_idle_timeout));
     let client_ip = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
-    // A new connection may well be read once (`Connection: close`): a read poll armed after
-    // that read would only be cancelled at close. Keep-alive turns it back on below.
-    stream.set_early_read_poll(false);
     let mut client = Conn::with_buffer(stream, shard.client_buffers.take_filled());
     let mut head = RequestHead::default();
     let mut first = true;
     loop {
         let read = read_head(shard, &mut client, &mut head, first).await;
-        if first {
-            client.stream.set_early_read_poll(true);
-            first = false;
-        }
+        first = false;
         let next = match read {
             HeadRead::Ready => {
                 let started = Instant::now();

@@ -244,3 +244,32 @@ fn bodies_arriving_in_uneven_pieces_with_pauses_come_out_exact_in_every_framing(
         assert_download(&mut writer, &mut reader, path, &expected);
     }
 }
+
+/// A backend's last bytes and its FIN often arrive together. On a pooled connection the read
+/// poll stays armed across requests (the vendored glommio's multishot poll), and one poll
+/// completion reports both: the read that returns the bytes must not be taken to have drained
+/// the socket, or the EOF is never read and the exchange waits out REQUEST_TIMEOUT (30 s here)
+/// instead of failing at once. A response head cut short by the close shows it: the balancer
+/// reads it through the poll, needs more, and must see the EOF.
+#[test]
+fn a_response_head_cut_short_by_a_close_fails_at_once_on_a_pooled_connection() {
+    let (_backend, balancer) = proxy(Arc::new(|seen: &Seen| {
+        if seen.target == "/cut-short" {
+            Reply::BytesThenClose(b"HTTP/1.1 200 OK\r\nContent-Le".to_vec())
+        } else {
+            Reply::Bytes(ok(b"kept alive"))
+        }
+    }));
+    let (mut writer, mut reader) = open(&balancer);
+    for target in ["/first", "/second"] {
+        write!(writer, "GET {target} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let resp = read_response(&mut reader, false).expect("a response");
+        assert_eq!((resp.status, resp.text().as_str()), (200, "kept alive"));
+    }
+    let started = std::time::Instant::now();
+    write!(writer, "GET /cut-short HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let resp = read_response(&mut reader, false)
+        .expect("an answer before the client's read timeout, not a wait for REQUEST_TIMEOUT");
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}

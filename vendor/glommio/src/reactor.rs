@@ -433,6 +433,18 @@ impl Reactor {
         source
     }
 
+    /// balancer patch: a read poll that stays armed until its source is dropped, completing
+    /// (`Source::take_result`) each time the socket becomes readable. The kernel may end it
+    /// early (`Source::is_armed` turns false); a caller then arms a new one.
+    pub(crate) fn poll_read_multishot(&self, fd: RawFd) -> Source {
+        let source = self.new_source(fd, SourceType::PollAdd, None);
+        // POLLRDHUP too: a completion must say when the peer's FIN is in (see
+        // `NonBufferedStream::poll_read`).
+        let flags = common_flags() | read_flags() | PollFlags::from_bits_retain(libc::POLLRDHUP);
+        self.sys.poll_ready_multishot(&source, flags);
+        source
+    }
+
     pub(crate) fn poll_write_ready(&self, fd: RawFd) -> Source {
         let source = self.new_source(fd, SourceType::PollAdd, None);
         self.sys

@@ -209,5 +209,7 @@ bitflags::bitflags! {
     #[derive(Debug, Clone, Copy)]
     pub struct CompletionFlags: u32 {
         const BUFFER_SHIFT    = 1 << 0;
+        /// balancer patch: IORING_CQE_F_MORE, the request (a multishot poll) stays armed.
+        const MORE            = 1 << 1;
     }
 }

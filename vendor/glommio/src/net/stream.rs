@@ -282,8 +282,10 @@ pub(crate) struct NonBufferedStream<S> {
     source_rx: Option<Source>,
     write_timeout: Timeout,
     read_timeout: Timeout,
-    /// balancer patch: arm a read poll right after a short read (see `poll_read`).
-    early_poll: Cell<bool>,
+    /// balancer patch: whether a read may find data (see `poll_read`).
+    rx_ready: Cell<bool>,
+    /// balancer patch: a poll completion reported a hang-up or an error (see `poll_read`).
+    rx_hang_up: Cell<bool>,
 }
 
 impl<S: AsRawFd> NonBufferedStream<S> {
@@ -314,6 +316,18 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         Ok(sz)
     }
 
+    /// balancer patch: reads are driven by a readiness flag instead of a fresh one-shot
+    /// poll per wait. A read is attempted only while the socket may hold data (a full buffer
+    /// last time, or a poll completion since); a short read means the socket was drained,
+    /// so the next read waits without a recv(2) that would fail with EAGAIN. Anything that
+    /// arrives after a completion was made wakes the poll again, so it cannot be missed.
+    /// A hang-up or an error is different: it stays pending after a short read returns the
+    /// data before it and wakes nobody again, so once a completion reports one, reads are
+    /// attempted until recv(2) itself reports it.
+    /// The poll armed when a stream is created is one-shot (a connection read once, then
+    /// closed, never needs cancelling); any later wait arms a multishot poll that stays armed
+    /// for the stream's life, so a keep-alive connection submits no io_uring operation per
+    /// read at all.
     pub(crate) fn poll_read(
         &mut self,
         cx: &Context<'_>,
@@ -322,35 +336,38 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         let reactor = self.reactor.upgrade().unwrap();
         let reactor = reactor.as_ref();
 
-        let no_pending_poll = self
-            .source_rx
-            .as_ref()
-            .map(|src| src.result().is_some())
-            .unwrap_or(true);
+        if let Some(source) = self.source_rx.as_ref() {
+            if let Some(result) = source.take_result() {
+                self.rx_ready.set(true);
+                let hang_up = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
+                if result.is_ok_and(|mask| mask as libc::c_short & hang_up != 0) {
+                    self.rx_hang_up.set(true);
+                }
+            }
+            if !source.is_armed() {
+                // A one-shot poll completed, or the kernel ended a multishot one.
+                self.source_rx = None;
+            }
+        }
 
-        if no_pending_poll {
+        if self.rx_ready.get() {
             if let Some(result) = super::yolo_recv(self.stream.as_raw_fd(), buf) {
-                self.source_rx.take();
                 self.read_timeout.cancel_timer(reactor);
                 let result = poll_err!(result);
-                // Start an early poll if the buffer is not fully filled. So when
-                // the next time `poll_read` is called, it will be known immediately
-                // whether the underlying stream is ready for reading.
-                if result > 0 && result < buf.len() && self.early_poll.get() {
-                    self.source_rx = Some(reactor.poll_read_ready(self.stream.as_raw_fd()));
-                    // The `rush_dispatch`s here and after could be removed to
-                    // improve performance if #458 is handled appropriately.
-                    // reactor.rush_dispatch(self.source_rx.as_ref().unwrap());
+                if result < buf.len() && !self.rx_hang_up.get() {
+                    self.rx_ready.set(false);
                 }
                 return Poll::Ready(Ok(result));
+            }
+            if !self.rx_hang_up.get() {
+                self.rx_ready.set(false);
             }
         }
 
         poll_err!(self.read_timeout.check(reactor));
 
-        if no_pending_poll {
-            self.source_rx = Some(reactor.poll_read_ready(self.stream.as_raw_fd()));
-            // reactor.rush_dispatch(self.source_rx.as_ref().unwrap());
+        if self.source_rx.is_none() {
+            self.source_rx = Some(reactor.poll_read_multishot(self.stream.as_raw_fd()));
         }
 
         let source = self.source_rx.as_ref().unwrap();
@@ -440,7 +457,8 @@ where
             source_rx: None,
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
-            early_poll: Cell::new(true),
+            rx_ready: Cell::new(false),
+            rx_hang_up: Cell::new(false),
         };
         stream.init();
         GlommioStream {
@@ -556,10 +574,6 @@ impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
 
     pub(crate) fn set_read_timeout(&self, dur: Option<Duration>) -> Result<()> {
         self.stream.read_timeout.set(dur)
-    }
-
-    pub(crate) fn set_early_read_poll(&self, on: bool) {
-        self.stream.early_poll.set(on);
     }
 
     pub(crate) fn write_timeout(&self) -> Option<Duration> {

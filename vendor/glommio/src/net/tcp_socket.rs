@@ -562,14 +562,6 @@ impl<B: RxBuf> TcpStream<B> {
         self.stream.set_read_timeout(dur)
     }
 
-    /// balancer patch: whether a short read arms a read poll at once (the default), so the
-    /// next read learns from io_uring whether data came. A connection that will most likely
-    /// be read only once (a new client, which may send `Connection: close`) turns this off:
-    /// the poll would only be cancelled when the connection closes.
-    pub fn set_early_read_poll(&self, on: bool) {
-        self.stream.set_early_read_poll(on)
-    }
-
     /// Sets the write timeout to the timeout specified.
     ///
     /// If the value specified is [`None`], then write calls will block

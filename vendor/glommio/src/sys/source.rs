@@ -264,6 +264,18 @@ impl Source {
         ret
     }
 
+    /// balancer patch: takes the latest completion's result, so that the next completion of
+    /// a multishot request is seen as new.
+    pub(crate) fn take_result(&self) -> Option<io::Result<usize>> {
+        self.inner.borrow_mut().wakers.result.take()
+    }
+
+    /// balancer patch: whether the request is still queued or in the kernel (a multishot
+    /// request stays so across its completions).
+    pub(crate) fn is_armed(&self) -> bool {
+        self.inner.borrow().enqueued.is_some()
+    }
+
     // adds a single waiter to the list, replacing any waiter that may already
     // exist. Should be used for single streams that map a future 1:1 to their I/O
     // source

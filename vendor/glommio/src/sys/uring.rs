@@ -57,6 +57,8 @@ const MSG_ZEROCOPY: i32 = 0x4000000;
 #[derive(Debug)]
 enum UringOpDescriptor {
     PollAdd(PollFlags),
+    /// balancer patch: a poll that stays armed and completes once per readiness event.
+    PollAddMulti(PollFlags),
     PollRemove(*const u8),
     Cancel(u64),
     Write(*const u8, usize, u64),
@@ -274,6 +276,10 @@ fn fill_sqe<F>(
         match op.args {
             UringOpDescriptor::PollAdd(events) => {
                 sqe.prep_poll_add(op.fd, events);
+            }
+            UringOpDescriptor::PollAddMulti(events) => {
+                sqe.prep_poll_add(op.fd, events);
+                sqe.raw_mut().len = IORING_POLL_ADD_MULTI;
             }
             UringOpDescriptor::PollRemove(to_remove) => {
                 user_data = 0;
@@ -539,6 +545,15 @@ fn extract_one_chain(
         .collect()
 }
 
+/// IORING_POLL_ADD_MULTI, in the SQE's `len` (liburing's io_uring_prep_poll_multishot).
+const IORING_POLL_ADD_MULTI: u32 = 1;
+
+/// balancer patch: whether a completion leaves its (multishot) request armed.
+fn cqe_has_more(cqe: &Option<iou::CQE>) -> bool {
+    cqe.as_ref()
+        .is_some_and(|c| c.flags().contains(iou::CompletionFlags::MORE))
+}
+
 fn process_one_event<F, R>(
     cqe: Option<iou::CQE>,
     try_process: F,
@@ -555,9 +570,14 @@ where
             return Some(false);
         }
 
-        let src = source_map
-            .borrow_mut()
-            .consume_source(from_user_data(value.user_data()));
+        // balancer patch: a completion flagged MORE comes from a multishot request that
+        // stays armed, so its source stays in the map until the final completion.
+        let id = from_user_data(value.user_data());
+        let src = if value.flags().contains(iou::CompletionFlags::MORE) {
+            source_map.borrow()[id].clone()
+        } else {
+            source_map.borrow_mut().consume_source(id)
+        };
 
         let result = value.result();
 
@@ -845,8 +865,10 @@ impl UringCommon for PollRing {
 
     fn consume_one_event(&mut self) -> Option<bool> {
         let source_map = self.source_map.clone();
+        let cqe = self.ring.peek_for_cqe();
+        let finished = !cqe_has_more(&cqe);
         process_one_event(
-            self.ring.peek_for_cqe(),
+            cqe,
             |_| None,
             |mut src, res| {
                 record_stats(self, &mut src, &res);
@@ -855,7 +877,9 @@ impl UringCommon for PollRing {
             source_map,
         )
         .map(|x| {
-            self.in_kernel -= 1;
+            if finished {
+                self.in_kernel -= 1;
+            }
             x
         })
     }
@@ -1126,8 +1150,10 @@ impl UringCommon for SleepableRing {
 
     fn consume_one_event(&mut self) -> Option<bool> {
         let source_map = self.source_map.clone();
+        let cqe = self.ring.peek_for_cqe();
+        let finished = !cqe_has_more(&cqe);
         process_one_event(
-            self.ring.peek_for_cqe(),
+            cqe,
             |source| match source.source_type {
                 SourceType::LinkRings => Some(()),
                 _ => None,
@@ -1142,7 +1168,9 @@ impl UringCommon for SleepableRing {
             source_map,
         )
         .map(|x| {
-            self.in_kernel -= 1;
+            if finished {
+                self.in_kernel -= 1;
+            }
             x
         })
     }
@@ -1182,9 +1210,9 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
-    /// balancer patch: the latency timer above is a preemption timer (not a user timer), so a
-    /// still pending one can be kept instead of cancelled and re-armed.
-    latency_timer_is_preempt: Cell<bool>,
+    /// balancer patch: when the latency timer above expires, so that a pending one that
+    /// expires soon enough is kept instead of cancelled and re-armed (see `wait`).
+    latency_timer_expiry: Cell<Option<Instant>>,
 
     link_fd: RawFd,
 
@@ -1315,7 +1343,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            latency_timer_is_preempt: Cell::new(false),
+            latency_timer_expiry: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1407,7 +1435,15 @@ impl Reactor {
     }
 
     pub(crate) fn poll_ready(&self, source: &Source, flags: PollFlags) {
-        let op = UringOpDescriptor::PollAdd(flags);
+        self.queue_poll(source, UringOpDescriptor::PollAdd(flags));
+    }
+
+    /// balancer patch: a poll that stays armed (see `Reactor::poll_read_multishot`).
+    pub(crate) fn poll_ready_multishot(&self, source: &Source, flags: PollFlags) {
+        self.queue_poll(source, UringOpDescriptor::PollAddMulti(flags));
+    }
+
+    fn queue_poll(&self, source: &Source, op: UringOpDescriptor) {
         queue_request_into_ring(
             &mut *self.ring_for_source(source),
             source,
@@ -1776,24 +1812,13 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        //
-        // balancer patch: glommio re-armed both preemption timers on every call, which is
-        // every turn of the executor loop: a TIMEOUT, a linked WRITE and two ASYNC_CANCELs
-        // each time. When turns handle one request each (a connection per request), that was
-        // most of the io_uring traffic. A pending preemption timer is now kept: it fires at
-        // most one preemption period (or ring depth of completions) after it was armed, which
-        // only makes a preemption come early; a user timer is still replaced every time.
-        let keep_preempt = self.latency_timer_is_preempt.get()
-            && Self::timer_pending(&self.latency_preemption_timeout_src);
-        if !keep_preempt {
-            drop(self.latency_preemption_timeout_src.take());
-        }
+        // balancer patch: glommio cancelled the latency ring's timer here on every call (every
+        // turn of the executor loop) and armed a new one below: a TIMEOUT and an ASYNC_CANCEL
+        // per turn, and per sleep. The one timer serves two purposes: preempting the running
+        // task queue, and waking a sleeping executor for its next user timer. Either way it
+        // firing early costs only an early preemption or a spurious wake-up, so a pending
+        // timer is kept whenever it expires no later than the one that would replace it
+        // (`keep_latency_timer`); only a later one is cancelled and re-armed.
 
         // balancer patch: glommio also kept a completion-count TIMEOUT on the main ring, linked
         // to a WRITE of the latency ring's eventfd, to preempt the running task queue after a
@@ -1823,10 +1848,10 @@ impl Reactor {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
             if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                self.latency_timer_is_preempt.set(false);
-                assert!(flush_rings!(lat_ring)? > 0);
+                if !self.keep_latency_timer(dur) {
+                    self.arm_latency_timer(&mut lat_ring, dur);
+                    assert!(flush_rings!(lat_ring)? > 0);
+                }
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1856,12 +1881,8 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            if !(self.latency_timer_is_preempt.get()
-                && Self::timer_pending(&self.latency_preemption_timeout_src))
-            {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-                self.latency_timer_is_preempt.set(true);
+            if !self.keep_latency_timer(preempt) {
+                self.arm_latency_timer(&mut lat_ring, preempt);
             }
             flush_rings!(lat_ring, main_ring)?;
         }
@@ -1874,6 +1895,23 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// balancer patch: whether the pending latency timer, if any, expires within `within`.
+    fn keep_latency_timer(&self, within: Duration) -> bool {
+        Self::timer_pending(&self.latency_preemption_timeout_src)
+            && self
+                .latency_timer_expiry
+                .get()
+                .is_some_and(|expiry| expiry <= Instant::now() + within)
+    }
+
+    /// balancer patch: replaces the latency timer (cancelling a pending one) with one that
+    /// expires in `dur`.
+    fn arm_latency_timer(&self, lat_ring: &mut SleepableRing, dur: Duration) {
+        self.latency_preemption_timeout_src
+            .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+        self.latency_timer_expiry.set(Some(Instant::now() + dur));
     }
 
     /// balancer patch: whether a timer source is armed and has not completed yet.
