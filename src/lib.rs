@@ -44,4 +44,5 @@ pub mod relay;
 pub mod resolve;
 pub mod shard;
 pub mod socket;
+pub mod splice;
 pub mod stream;

@@ -14,6 +14,7 @@ use crate::http::{
 use crate::metrics::ErrorKind;
 use crate::proxy::{cache_decision, store, Exchange, Failure, Next};
 use crate::shard::Shard;
+use crate::splice::{self, Spliced, SPLICE_MIN};
 use crate::stream::{tunnel, Conn};
 
 /// A backend's receive buffer may grow to hold a head this large (then the head is refused).
@@ -351,6 +352,8 @@ async fn stream_body(
     shard: &Shard,
 ) -> Result<BodyEnd, ()> {
     let max_store = shard.config.cache_max_object_bytes;
+    // A body copied for the cache has to pass through user space anyway.
+    let may_splice = plan.is_none();
     let mut collect = |bytes: &[u8]| {
         if let Some(p) = plan {
             if p.body.len() + bytes.len() > max_store {
@@ -379,6 +382,13 @@ async fn stream_body(
                 staged.extend_from_slice(chunk);
                 upstream.conn.consume(take);
                 remaining -= take as u64;
+                if may_splice && remaining >= SPLICE_MIN {
+                    if let Some(end) =
+                        splice_rest(client, upstream, &mut staged, remaining, shard).await
+                    {
+                        break end;
+                    }
+                }
                 let topped = top_up(upstream, &mut staged, remaining, &mut collect);
                 remaining -= topped.read;
                 if send_staged(client, &mut staged).await.is_err() {
@@ -466,6 +476,39 @@ async fn stream_body(
             }
         },
     }
+}
+
+/// Sends `staged` (the head and the body bytes already read) and splices the `remaining` body
+/// bytes from the backend's socket to the client's (see `splice`). `None` when no pipe or
+/// non-blocking socket can be had: the caller copies instead, with nothing sent yet.
+async fn splice_rest(
+    client: &mut Conn,
+    upstream: &mut Upstream,
+    staged: &mut Vec<u8>,
+    remaining: u64,
+    shard: &Shard,
+) -> Option<Result<BodyEnd, ()>> {
+    client.make_spliceable().ok()?;
+    upstream.conn.make_spliceable().ok()?;
+    let mut pipe = shard.pipes.take()?;
+    if splice::send_more(&mut client.stream, staged).await.is_err() {
+        return Some(Err(()));
+    }
+    staged.clear();
+    let end = splice::splice_exact(
+        &mut upstream.conn.stream,
+        &mut client.stream,
+        remaining,
+        &mut pipe,
+    )
+    .await;
+    shard.pipes.put(pipe);
+    Some(match end {
+        Spliced::Complete => Ok(BodyEnd::Complete),
+        Spliced::BackendClosed | Spliced::BackendFailed => Ok(BodyEnd::Failed(ErrorKind::Reset)),
+        Spliced::BackendTimedOut => Ok(BodyEnd::Failed(ErrorKind::Timeout)),
+        Spliced::ClientGone => Err(()),
+    })
 }
 
 /// Sends what `staged` holds (if anything) and empties it for the next gather.

@@ -26,6 +26,7 @@ use crate::client::Pool;
 use crate::config::Config;
 use crate::metrics::{BackendStats, ShardMetrics};
 use crate::proxy::CLIENT_BUFFER;
+use crate::splice::PipePool;
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -210,6 +211,8 @@ pub struct Shard {
     pub body_buffers: BufferPool,
     /// Receive buffers of client connections.
     pub client_buffers: BufferPool,
+    /// Pipes for splicing large response bodies (see `splice`).
+    pub pipes: PipePool,
     /// Requests as forwarded to a backend (head, plus a body small enough to replay); one
     /// grown by a large body is freed rather than kept.
     pub request_buffers: BufferPool,
@@ -339,6 +342,7 @@ pub fn start(
                     flights: RefCell::new(HashMap::new()),
                     body_buffers: BufferPool::new(BODY_BUFFER, 32),
                     client_buffers: BufferPool::new(CLIENT_BUFFER, 256),
+                    pipes: PipePool::default(),
                     request_buffers: BufferPool::new(4 * 1024, 256),
                     config,
                 });

@@ -15,6 +15,8 @@ pub struct Conn {
     pub buf: Vec<u8>,
     pub start: usize,
     pub end: usize,
+    /// The socket was made non-blocking for splice(2) (`make_spliceable`).
+    spliceable: bool,
 }
 
 impl Conn {
@@ -29,7 +31,17 @@ impl Conn {
             buf,
             start: 0,
             end: 0,
+            spliceable: false,
         }
+    }
+
+    /// Readies the socket for `splice::splice_exact` (once per connection).
+    pub fn make_spliceable(&mut self) -> io::Result<()> {
+        if !self.spliceable {
+            crate::splice::set_nonblocking(&self.stream)?;
+            self.spliceable = true;
+        }
+        Ok(())
     }
 
     /// The receive buffer, for reuse once the connection is done.

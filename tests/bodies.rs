@@ -273,3 +273,85 @@ fn a_response_head_cut_short_by_a_close_fails_at_once_on_a_pooled_connection() {
     assert_eq!(resp.status, 502, "{}", resp.text());
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
+
+// Content-Length bodies with 32 KiB or more still to come after the head are spliced from the
+// backend's socket to the client's through a per-shard pipe (src/splice.rs). The downloads
+// above cover the whole-body case; these cover the ends a splice can come to early.
+
+const SPLICED: usize = 4 * 1024 * 1024;
+
+/// `/cut` announces SPLICED bytes, sends 200 KiB and closes; anything else gets SPLICED bytes
+/// of pattern(seed = path length).
+fn cutting_backend() -> RawBackend {
+    RawBackend::start(Arc::new(|conn: TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        while let Some((_method, path, _headers)) = read_request(&mut reader) {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {SPLICED}\r\n\r\n");
+            let body = pattern(SPLICED, path.len() as u64);
+            let sent = if path == "/cut" { 200 * 1024 } else { SPLICED };
+            if writer.write_all(head.as_bytes()).is_err()
+                || writer.write_all(&body[..sent]).is_err()
+            {
+                return;
+            }
+            if path == "/cut" {
+                return;
+            }
+        }
+    }))
+}
+
+#[test]
+fn a_backend_closing_part_way_through_a_spliced_body_ends_the_client_connection() {
+    let backend = cutting_backend();
+    let set = server_set(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::start(&[("BACKENDS", set.as_str())]);
+    let (mut writer, mut reader) = open(&balancer);
+    writer
+        .write_all(b"GET /cut HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let (status, _) = read_head(&mut reader).expect("the head is relayed");
+    assert_eq!(status, 200);
+    // The client gets what the backend sent, then the connection ends (no hang until a
+    // timeout: the read timeout is WAIT, far below the balancer's 30 s REQUEST_TIMEOUT).
+    let mut body = Vec::new();
+    let read = std::io::Read::read_to_end(&mut reader, &mut body);
+    assert!(read.is_ok() || !body.is_empty(), "{read:?}");
+    assert_eq!(body.len(), 200 * 1024, "exactly the bytes the backend sent");
+    assert_eq!(hash(&body), hash(&pattern(SPLICED, 4)[..200 * 1024]));
+    // A whole spliced body still comes through afterwards.
+    let (mut writer, mut reader) = open(&balancer);
+    assert_download(&mut writer, &mut reader, "/whole", &pattern(SPLICED, 6));
+}
+
+#[test]
+fn clients_leaving_part_way_through_spliced_bodies_leave_no_stale_bytes_behind() {
+    let backend = cutting_backend();
+    let set = server_set(&[(backend.addr, 1.0)]);
+    // One shard: every request shares its pipe pool.
+    let balancer = Balancer::start(&[("BACKENDS", set.as_str()), ("BALANCER_CPUS", "0")]);
+    for _ in 0..5 {
+        let (mut writer, mut reader) = open(&balancer);
+        writer
+            .write_all(b"GET /leave HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        let (status, _) = read_head(&mut reader).expect("the head is relayed");
+        assert_eq!(status, 200);
+        let mut some = vec![0u8; 100 * 1024];
+        std::io::Read::read_exact(&mut reader, &mut some).unwrap();
+        // Leaves with most of the body undelivered, some of it likely in the pipe.
+        drop((writer, reader));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A pipe left holding bytes must not be reused: they would open the next body.
+    let (mut writer, mut reader) = open(&balancer);
+    for path in ["/after-1", "/after-22", "/after-333"] {
+        assert_download(
+            &mut writer,
+            &mut reader,
+            path,
+            &pattern(SPLICED, path.len() as u64),
+        );
+    }
+}

@@ -333,6 +333,21 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         cx: &Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
+        let fd = self.stream.as_raw_fd();
+        let len = buf.len();
+        self.poll_read_with(cx, len, || super::yolo_recv(fd, buf))
+    }
+
+    /// balancer patch: `poll_read` with another non-blocking system call in place of
+    /// recv(2) (splice(2) into a pipe): `op` returns `None` when it would block, and moving
+    /// fewer than `drained_below` bytes means the socket was drained (a short read). Readiness,
+    /// timeout and hang-up handling are `poll_read`'s.
+    pub(crate) fn poll_read_with(
+        &mut self,
+        cx: &Context<'_>,
+        drained_below: usize,
+        op: impl FnOnce() -> Option<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
         let reactor = self.reactor.upgrade().unwrap();
         let reactor = reactor.as_ref();
 
@@ -351,10 +366,10 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         }
 
         if self.rx_ready.get() {
-            if let Some(result) = super::yolo_recv(self.stream.as_raw_fd(), buf) {
+            if let Some(result) = op() {
                 self.read_timeout.cancel_timer(reactor);
                 let result = poll_err!(result);
-                if result < buf.len() && !self.rx_hang_up.get() {
+                if result < drained_below && !self.rx_hang_up.get() {
                     self.rx_ready.set(false);
                 }
                 return Poll::Ready(Ok(result));
@@ -377,11 +392,32 @@ impl<S: AsRawFd> NonBufferedStream<S> {
     }
 
     pub(crate) fn poll_write(&mut self, cx: &Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let fd = self.stream.as_raw_fd();
+        self.poll_write_with(cx, || super::yolo_send(fd, buf))
+    }
+
+    /// balancer patch: the caller knows from its protocol that nothing more is due until it
+    /// asks (it read exactly the length announced): the next read waits for a poll
+    /// completion instead of trying a recv(2) first. Bytes that arrive later complete the
+    /// poll as usual, and a pending hang-up still keeps reads going.
+    pub(crate) fn assume_drained(&self) {
+        if !self.rx_hang_up.get() {
+            self.rx_ready.set(false);
+        }
+    }
+
+    /// balancer patch: `poll_write` with another non-blocking system call in place of
+    /// send(2) (splice(2) out of a pipe); `op` returns `None` when it would block.
+    pub(crate) fn poll_write_with(
+        &mut self,
+        cx: &Context<'_>,
+        op: impl FnOnce() -> Option<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
         // On the write path, we always start with calling `yolo_send`, because
         // it is very likely to success. It could be a waste if it already timed
         // out since the last `poll_write`, but it would not cost much more to
         // give it one last chance in this case.
-        if let Some(result) = super::yolo_send(self.stream.as_raw_fd(), buf) {
+        if let Some(result) = op() {
             let reactor = self.reactor.upgrade().unwrap();
             self.write_timeout.cancel_timer(reactor.as_ref());
             self.source_tx.take();
@@ -550,6 +586,37 @@ impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
 
     pub(crate) fn poll_write(&mut self, cx: &Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.stream.poll_write(cx, buf)
+    }
+
+    /// balancer patch: see `NonBufferedStream::poll_read_with`. Bytes already in the
+    /// receive buffer would be skipped, so it must be empty.
+    pub(crate) fn poll_read_with(
+        &mut self,
+        cx: &Context<'_>,
+        drained_below: usize,
+        op: impl FnOnce() -> Option<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if !self.rx_buf.is_empty() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "buffered bytes would be skipped",
+            )));
+        }
+        self.stream.poll_read_with(cx, drained_below, op)
+    }
+
+    /// balancer patch: see `NonBufferedStream::assume_drained`.
+    pub(crate) fn assume_drained(&self) {
+        self.stream.assume_drained();
+    }
+
+    /// balancer patch: see `NonBufferedStream::poll_write_with`.
+    pub(crate) fn poll_write_with(
+        &mut self,
+        cx: &Context<'_>,
+        op: impl FnOnce() -> Option<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        self.stream.poll_write_with(cx, op)
     }
 
     pub(crate) fn poll_flush(&self, _cx: &Context<'_>) -> Poll<io::Result<()>> {

@@ -742,6 +742,54 @@ impl<B: Buffered + Unpin> AsyncBufRead for TcpStream<B> {
     }
 }
 
+/// balancer patch: moving bytes with system calls other than recv/send (splice(2) between
+/// sockets and pipes), with the stream's readiness polling and timeouts.
+impl<B: RxBuf + Unpin> TcpStream<B> {
+    /// Waits until the socket may be read, then runs `op` on its descriptor: a non-blocking
+    /// call that moves bytes out of the socket. `op` failing with `WouldBlock` means the
+    /// socket was drained; the call then waits for more. So does moving fewer than
+    /// `drained_below` bytes (the rule for recv(2) into a buffer of that length); pass 0 when
+    /// a short transfer may have another cause (a full pipe). Fails when the stream holds
+    /// buffered bytes (a stream with a receive buffer), which `op` would skip.
+    pub fn poll_read_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        drained_below: usize,
+        op: impl FnOnce(RawFd) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let fd = self.as_raw_fd();
+        self.stream
+            .poll_read_with(cx, drained_below, || would_block_to_none(op(fd)))
+    }
+
+    /// Declares that the peer sends nothing more until asked (the caller read exactly what
+    /// its protocol announced), so the next read waits for readiness without first trying a
+    /// read that would fail with EAGAIN. Used after `poll_read_with` with `drained_below`
+    /// 0, which cannot tell a drained socket from a full pipe.
+    pub fn assume_drained(&self) {
+        self.stream.assume_drained();
+    }
+
+    /// Runs `op` on the socket's descriptor, a non-blocking call that moves bytes into the
+    /// socket; when it fails with `WouldBlock`, waits until the socket is writable and
+    /// tries again.
+    pub fn poll_write_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(RawFd) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let fd = self.as_raw_fd();
+        self.stream.poll_write_with(cx, || would_block_to_none(op(fd)))
+    }
+}
+
+fn would_block_to_none(result: io::Result<usize>) -> Option<io::Result<usize>> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        other => Some(other),
+    }
+}
+
 impl<B: RxBuf + Unpin> AsyncRead for TcpStream<B> {
     fn poll_read(
         mut self: Pin<&mut Self>,
