@@ -1213,6 +1213,8 @@ pub(crate) struct Reactor {
     /// balancer patch: when the latency timer above expires, so that a pending one that
     /// expires soon enough is kept instead of cancelled and re-armed (see `wait`).
     latency_timer_expiry: Cell<Option<Instant>>,
+    /// balancer patch: the last sleep ended because the latency timer expired (see `wait`).
+    timer_ended_sleep: Cell<bool>,
 
     link_fd: RawFd,
 
@@ -1344,6 +1346,7 @@ impl Reactor {
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
             latency_timer_expiry: Cell::new(None),
+            timer_ended_sleep: Cell::new(false),
             blocking_thread,
             link_fd,
             notifier,
@@ -1847,11 +1850,28 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
-                if !self.keep_latency_timer(dur) {
+            // A kept timer that expires before the user timer (a preemption timer armed while
+            // busy) costs a spurious wake-up. That is cheap once, but an idle executor would
+            // then arm a preemption timer on each turn and wake every preemption period: so
+            // after a sleep that the timer ended, the timer is replaced (or dropped).
+            // A timer being replaced is cancelled before the sleep, or it would still end it.
+            let idle = self.timer_ended_sleep.get();
+            let mut woke_by_cancel = 0;
+            match user_timer {
+                Some(dur) if idle || !self.keep_latency_timer(dur) => {
                     self.arm_latency_timer(&mut lat_ring, dur);
+                    flush_cancellations!(into &mut woke_by_cancel; lat_ring);
                     assert!(flush_rings!(lat_ring)? > 0);
+                    // The cancellation completes at once: its completions would end the sleep.
+                    consume_rings!(into &mut woke_by_cancel; lat_ring);
                 }
+                None if idle => {
+                    drop(self.latency_preemption_timeout_src.take());
+                    flush_cancellations!(into &mut woke_by_cancel; lat_ring);
+                    flush_rings!(lat_ring)?;
+                    consume_rings!(into &mut woke_by_cancel; lat_ring);
+                }
+                _ => {}
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1865,15 +1885,20 @@ impl Reactor {
             // (every remote wake-up goes through it) gives the same guarantee as the
             // asymmetric membarrier(2), without a syscall each time the shard goes idle.
             std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            let events = process_remote_channels() + self.flush_syscall_thread();
+            let events =
+                process_remote_channels() + self.flush_syscall_thread() + woke_by_cancel;
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
+                    let timer_armed = Self::timer_pending(&self.latency_preemption_timeout_src);
                     self.link_rings_and_sleep(&mut main_ring)
                         .expect("some error");
                     // May have new cancellations related to the link ring fd.
                     flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
                     flush_rings!(lat_ring, poll_ring, main_ring)?;
                     consume_rings!(into &mut 0; lat_ring, poll_ring, main_ring);
+                    self.timer_ended_sleep.set(
+                        timer_armed && !Self::timer_pending(&self.latency_preemption_timeout_src),
+                    );
                 }
                 // Woke up, so no need to notify us anymore.
                 self.notifier.wake_up();
