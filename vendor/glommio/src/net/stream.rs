@@ -413,7 +413,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         cx: &Context<'_>,
         op: impl FnOnce() -> Option<io::Result<usize>>,
     ) -> Poll<io::Result<usize>> {
-        // On the write path, we always start with calling `yolo_send`, because
+        // On the write path, we always start with calling `op` (a `send`), because
         // it is very likely to success. It could be a waste if it already timed
         // out since the last `poll_write`, but it would not cost much more to
         // give it one last chance in this case.

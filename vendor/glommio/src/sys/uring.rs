@@ -1864,6 +1864,11 @@ impl Reactor {
                     assert!(flush_rings!(lat_ring)? > 0);
                     // The cancellation completes at once: its completions would end the sleep.
                     consume_rings!(into &mut woke_by_cancel; lat_ring);
+                    // So may a timer that was due already, and then nothing would: its
+                    // completion is consumed, and the sleep would wait for unrelated I/O.
+                    if !Self::timer_pending(&self.latency_preemption_timeout_src) {
+                        woke_by_cancel += 1;
+                    }
                 }
                 None if idle => {
                     drop(self.latency_preemption_timeout_src.take());
