@@ -177,17 +177,8 @@ fn send_more_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
 
 /// Makes a socket non-blocking, which splice(2) needs on its socket end (glommio's own reads
 /// and writes ask per call, and leave the socket blocking).
-#[allow(unsafe_code)]
 pub fn set_nonblocking(stream: &TcpStream) -> io::Result<()> {
-    let fd = stream.as_raw_fd();
-    // SAFETY: F_GETFL/F_SETFL on a descriptor the stream owns; no memory is passed.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    socket2::SockRef::from(stream).set_nonblocking(true)
 }
 
 #[allow(unsafe_code)]

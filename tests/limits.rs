@@ -263,11 +263,6 @@ fn delaying() -> Handler {
     })
 }
 
-fn get_on(writer: &mut TcpStream, reader: &mut BufReader<TcpStream>, target: &str) -> Response {
-    write!(writer, "GET {target} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
-    read_response(reader, false).unwrap_or_else(|| panic!("no response to {target}"))
-}
-
 // I/O timers stay armed between waits and are reused while they fire no later than the next
 // wait's deadline (the vendored glommio's lazy `Timeout`). These two tests pin down that a
 // timer left by an earlier wait, firing in the middle of a later one, neither cuts the later

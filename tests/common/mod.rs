@@ -258,6 +258,12 @@ pub fn get(addr: SocketAddr, path: &str) -> Response {
     )
 }
 
+/// `GET target` on an open keep-alive connection; panics when no complete response comes.
+pub fn get_on(writer: &mut TcpStream, reader: &mut BufReader<TcpStream>, target: &str) -> Response {
+    write!(writer, "GET {target} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    read_response(reader, false).unwrap_or_else(|| panic!("no response to {target}"))
+}
+
 /// Reads one response (Content-Length, chunked or close-delimited). None on EOF before a head.
 pub fn read_response<R: BufRead>(r: &mut R, head_request: bool) -> Option<Response> {
     loop {

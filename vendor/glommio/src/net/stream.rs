@@ -237,7 +237,7 @@ impl Timeout {
     }
 
     /// The wait is over; the armed timer, if any, is left for the next wait.
-    fn cancel_timer(&self, _reactor: &Reactor) {
+    fn end_wait(&self) {
         self.waiting_since.set(None);
     }
 
@@ -348,9 +348,6 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         drained_below: usize,
         op: impl FnOnce() -> Option<io::Result<usize>>,
     ) -> Poll<io::Result<usize>> {
-        let reactor = self.reactor.upgrade().unwrap();
-        let reactor = reactor.as_ref();
-
         if let Some(source) = self.source_rx.as_ref() {
             if let Some(result) = source.take_result() {
                 self.rx_ready.set(true);
@@ -367,18 +364,18 @@ impl<S: AsRawFd> NonBufferedStream<S> {
 
         if self.rx_ready.get() {
             if let Some(result) = op() {
-                self.read_timeout.cancel_timer(reactor);
+                self.read_timeout.end_wait();
                 let result = poll_err!(result);
-                if result < drained_below && !self.rx_hang_up.get() {
-                    self.rx_ready.set(false);
+                if result < drained_below {
+                    self.assume_drained();
                 }
                 return Poll::Ready(Ok(result));
             }
-            if !self.rx_hang_up.get() {
-                self.rx_ready.set(false);
-            }
+            self.assume_drained();
         }
 
+        let reactor = self.reactor.upgrade().unwrap();
+        let reactor = reactor.as_ref();
         poll_err!(self.read_timeout.check(reactor));
 
         if self.source_rx.is_none() {
@@ -396,10 +393,10 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         self.poll_write_with(cx, || super::yolo_send(fd, buf))
     }
 
-    /// balancer patch: the caller knows from its protocol that nothing more is due until it
-    /// asks (it read exactly the length announced): the next read waits for a poll
-    /// completion instead of trying a recv(2) first. Bytes that arrive later complete the
-    /// poll as usual, and a pending hang-up still keeps reads going.
+    /// balancer patch: the socket is drained (a short read or EAGAIN here, or the caller knows
+    /// from its protocol that nothing more is due until it asks): the next read waits for a
+    /// poll completion instead of trying a recv(2) first. Bytes that arrive later complete
+    /// the poll as usual, and a pending hang-up still keeps reads going.
     pub(crate) fn assume_drained(&self) {
         if !self.rx_hang_up.get() {
             self.rx_ready.set(false);
@@ -418,8 +415,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         // out since the last `poll_write`, but it would not cost much more to
         // give it one last chance in this case.
         if let Some(result) = op() {
-            let reactor = self.reactor.upgrade().unwrap();
-            self.write_timeout.cancel_timer(reactor.as_ref());
+            self.write_timeout.end_wait();
             self.source_tx.take();
             return Poll::Ready(result);
         }
