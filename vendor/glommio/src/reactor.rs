@@ -124,12 +124,17 @@ impl Timers {
     fn process_timers(&mut self) -> (Option<Duration>, usize) {
         let now = Instant::now();
 
-        // Split timers into ready and pending timers.
-        let pending = self.timers.split_off(&(now, 0));
-        let ready = mem::replace(&mut self.timers, pending);
-        let woke = ready.len();
-        for (_, waker) in ready {
+        // balancer patch: expired timers are popped from the front instead of splitting the
+        // map, which rebuilt the pending part (allocating and moving nodes) on every executor
+        // turn even when nothing had expired.
+        let mut woke = 0;
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 >= now {
+                break;
+            }
+            let waker = entry.remove();
             wake!(waker);
+            woke += 1;
         }
 
         // Calculate the duration until the next event.
