@@ -281,7 +281,15 @@ pub async fn relay_response(
     shard.metrics.record_request(status, ex.started.elapsed());
     match body {
         Err(()) => Ok(Relayed::cut_short(status, None)),
-        Ok(BodyEnd::Failed(kind)) => Ok(Relayed::cut_short(status, Some(kind))),
+        Ok(BodyEnd::Failed(kind)) => {
+            // A client told the body's length, or reading chunks, sees it cut short by the
+            // missing bytes or last chunk; one reading until the close needs a reset to tell
+            // (SPEC §6: never a body presented as complete).
+            if dechunk || resp.framing == ResponseFraming::Close {
+                client.reset_on_close();
+            }
+            Ok(Relayed::cut_short(status, Some(kind)))
+        }
         Ok(BodyEnd::Complete) => {
             if let (Some(candidate), Some(plan)) = (ex.candidate, store_plan) {
                 store(shard, candidate, status, plan);

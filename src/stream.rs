@@ -128,6 +128,13 @@ impl Conn {
         Ok(got)
     }
 
+    /// Makes the close that ends this connection a reset (SO_LINGER 0) instead of a FIN: for
+    /// a response whose end the client learns only from the close, a FIN after a body cut
+    /// short would present it as complete.
+    pub fn reset_on_close(&self) {
+        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+    }
+
     /// Sets how long the next read may wait (`None` = forever).
     pub fn set_read_timeout(&self, timeout: Option<Duration>) {
         let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));

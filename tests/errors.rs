@@ -304,6 +304,102 @@ fn a_backend_dying_mid_chunked_body_never_sends_the_last_chunk() {
     }
 }
 
+/// How a client reading a body until the connection closes saw the close.
+#[derive(Debug, PartialEq)]
+enum CloseSeen {
+    /// A FIN: to such a client, the body looks complete.
+    Clean,
+    /// A reset: the body is known to be cut short.
+    Reset,
+}
+
+fn read_until_close_seen<R: Read>(r: &mut R) -> (Vec<u8>, CloseSeen) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return (out, CloseSeen::Clean),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("the client connection hung after {} body bytes", out.len())
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+                return (out, CloseSeen::Reset);
+            }
+        }
+    }
+}
+
+/// Sends `request` and asserts that a 200 relayed from a backend that then dies reaches the
+/// client as a body ended by a reset, never by a clean close (a 502 before the head is fine).
+fn assert_cut_short_body_ends_in_a_reset(lb: &Balancer, request: &[u8]) {
+    let mut client = connect(lb.addr);
+    client.write_all(request).unwrap();
+    let mut reader = BufReader::new(client);
+    let (status, headers) = read_head(&mut reader).expect("a response head");
+    if status != 200 {
+        assert_eq!(
+            status, 502,
+            "either the head was forwarded or the balancer answered 502"
+        );
+        return;
+    }
+    let framed = headers.iter().any(|(n, _)| {
+        n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("transfer-encoding")
+    });
+    assert!(
+        !framed,
+        "the body is delimited by the close here: {headers:?}"
+    );
+    let (_, seen) = read_until_close_seen(&mut reader);
+    assert_eq!(
+        seen,
+        CloseSeen::Reset,
+        "a cut-short body must not end like a complete one"
+    );
+}
+
+#[test]
+fn a_backend_dying_mid_chunked_body_resets_an_http_1_0_client() {
+    // An HTTP/1.0 client gets the body de-chunked, delimited by the close.
+    let dying = Backend::start(Arc::new(|_| {
+        let mut bytes = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        bytes.extend_from_slice(b"64\r\n");
+        bytes.extend_from_slice(&pattern(100, 3));
+        bytes.extend_from_slice(b"\r\n");
+        Reply::BytesThenClose(bytes)
+    }));
+    let lb = start_with(&[(dying.addr, 1.0)]);
+    assert_cut_short_body_ends_in_a_reset(&lb, b"GET /chunks HTTP/1.0\r\nHost: test\r\n\r\n");
+}
+
+#[test]
+fn a_backend_resetting_a_close_delimited_body_resets_the_client() {
+    // The backend delimits its body by closing, so a FIN from it is a complete body; a reset
+    // part way is not, and must not reach the client as a FIN.
+    let resetting = RawBackend::start(Arc::new(|conn: std::net::TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        if read_request(&mut reader).is_none() {
+            return;
+        }
+        let mut bytes = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
+        bytes.extend_from_slice(&pattern(100, 5));
+        let _ = writer.write_all(&bytes);
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = socket2::SockRef::from(&writer).set_linger(Some(Duration::ZERO));
+    }));
+    let lb = start_with(&[(resetting.addr, 1.0)]);
+    for request in [
+        &b"GET /close HTTP/1.1\r\nHost: test\r\n\r\n"[..],
+        &b"GET /close HTTP/1.0\r\nHost: test\r\n\r\n"[..],
+    ] {
+        assert_cut_short_body_ends_in_a_reset(&lb, request);
+    }
+}
+
 #[test]
 fn gets_on_connections_the_backend_closed_while_pooled_never_fail() {
     // Keep-alive answers (no `Connection: close`), but the backend closes right after each.
