@@ -240,28 +240,44 @@ impl Pipe {
     }
 }
 
-/// Copies bytes both ways until both sides have closed, either side fails, or nothing moved
-/// in either direction for `idle`.
+/// How long a tunnel keeps carrying the other direction once one side has closed: enough for
+/// the answer to a WebSocket close handshake, not for a peer that never closes.
+pub const TUNNEL_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Copies bytes both ways until either side closes (its EOF is passed on, and the other side
+/// gets `TUNNEL_CLOSE_GRACE` to finish), either side fails, or nothing moved in either
+/// direction for `idle`.
 pub async fn tunnel(a: &mut TcpStream, b: &mut TcpStream, idle: Duration) {
     let _ = a.set_read_timeout(Some(idle));
     let _ = b.set_read_timeout(Some(idle));
     let mut a_to_b = Pipe::new();
     let mut b_to_a = Pipe::new();
     let mut last_activity = Instant::now();
-    futures_lite::future::poll_fn(|cx| {
+    let failed = futures_lite::future::poll_fn(|cx| {
         let forward = a_to_b.poll_pump(cx, a, b, &mut last_activity, idle);
-        if let Poll::Ready(Err(_)) = forward {
-            return Poll::Ready(());
-        }
         let backward = b_to_a.poll_pump(cx, b, a, &mut last_activity, idle);
-        if let Poll::Ready(Err(_)) = backward {
-            return Poll::Ready(());
-        }
-        if a_to_b.done && b_to_a.done {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
+        match (forward, backward) {
+            (Poll::Ready(Err(_)), _) | (_, Poll::Ready(Err(_))) => Poll::Ready(true),
+            (Poll::Ready(Ok(())), _) | (_, Poll::Ready(Ok(()))) => Poll::Ready(false),
+            _ => Poll::Pending,
         }
     })
+    .await;
+    if failed || (a_to_b.done && b_to_a.done) {
+        return;
+    }
+    // One side closed: the other's last bytes still go through, for a moment.
+    let (open, from, to) = if a_to_b.done {
+        (&mut b_to_a, b, a)
+    } else {
+        (&mut a_to_b, a, b)
+    };
+    futures_lite::future::or(
+        futures_lite::future::poll_fn(|cx| {
+            open.poll_pump(cx, from, to, &mut last_activity, idle)
+                .map(|_| ())
+        }),
+        glommio::timer::sleep(TUNNEL_CLOSE_GRACE),
+    )
     .await;
 }

@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
@@ -262,4 +263,75 @@ fn tunnel_stays_open_through_a_pause_between_messages() {
     std::thread::sleep(Duration::from_millis(300));
     ws.send(Message::text("after a pause")).unwrap();
     assert_eq!(next_message(&mut ws), Message::text("after a pause"));
+}
+
+/// A backend that switches protocols and then never closes: after the client's EOF it keeps
+/// writing a byte every 50 ms until a write fails (the balancer closed its side: then it sets
+/// `cut_off`) or 10 s pass.
+fn never_closing_upgrade_backend(cut_off: std::sync::Arc<AtomicBool>) -> RawBackend {
+    RawBackend::start(std::sync::Arc::new(move |conn: TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        if read_request(&mut reader).is_none() {
+            return;
+        }
+        let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                    Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        if writer.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        let mut buf = [0u8; 1024];
+        while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if writer.write_all(b"x").is_err() {
+                cut_off.store(true, SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }))
+}
+
+/// SPEC §6: the tunnel lasts "until either side closes". A client that closes must not leave
+/// the tunnel (and its two sockets, and a shutdown's drain) waiting on a backend that never
+/// closes: the balancer passes the EOF on, lets the backend's last bytes through for a moment,
+/// then closes both sides.
+#[test]
+fn a_tunnel_ends_when_the_client_closes_even_if_the_backend_never_does() {
+    let cut_off = std::sync::Arc::new(AtomicBool::new(false));
+    let backend = never_closing_upgrade_backend(cut_off.clone());
+    let balancer = balancer_for(backend.addr);
+    let mut client = connect(balancer.addr);
+    client
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let (status, _) = read_head(&mut reader).expect("the 101 head");
+    assert_eq!(status, 101);
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the tunnel still carries the backend's bytes 5 s after the client closed"
+            ),
+            // A reset also ends the tunnel for the client.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the tunnel did not end after the client closed: {e}"),
+        }
+    }
+    eventually("the backend to see its connection closed", || {
+        cut_off.load(SeqCst)
+    });
 }
