@@ -389,6 +389,11 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
+    // Accepted sockets also inherit delayed acknowledgements: the kernel then acknowledges
+    // a new connection's first request with the response instead of in a segment of its own
+    // (HAProxy's tcp-smart-accept); without a response within 40 ms it acknowledges anyway.
+    // After listen(2), which resets the acknowledgement state.
+    socket.set_quickack(false)?;
     // SAFETY: `into_raw_fd` hands over sole ownership of a listening socket descriptor.
     Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
 }
