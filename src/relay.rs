@@ -273,6 +273,7 @@ pub async fn relay_response(
         upstream,
         resp.framing,
         dechunk,
+        !keep_alive,
         out,
         &mut store_plan,
         shard,
@@ -350,11 +351,13 @@ fn plan_store(ex: &Exchange<'_>, resp: &ResponseHead, pending: &[u8]) -> Option<
 /// sending the already-rendered head (in `staged`) with the first bytes; copies it for the
 /// cache too. Before each send, `staged` is topped up with whatever the backend has ready, so
 /// a response leaves in as few sends as its arrival allows. `Err(())`: the client went away.
+#[allow(clippy::too_many_arguments)]
 async fn stream_body(
     client: &mut Conn,
     upstream: &mut Upstream,
     framing: ResponseFraming,
     dechunk: bool,
+    closing: bool,
     mut staged: PooledBuffer<'_>,
     plan: &mut Option<StorePlan>,
     shard: &Shard,
@@ -376,8 +379,7 @@ async fn stream_body(
         .conn
         .set_read_timeout(Some(shard.config.request_timeout));
     match framing {
-        ResponseFraming::None => client
-            .write_all(&staged)
+        ResponseFraming::None => send_last(client, &mut staged, closing)
             .await
             .map_err(|_| ())
             .map(|_| BodyEnd::Complete),
@@ -399,7 +401,12 @@ async fn stream_body(
                 }
                 let topped = top_up(upstream, &mut staged, remaining, &mut collect);
                 remaining -= topped.read;
-                if send_staged(client, &mut staged).await.is_err() {
+                let sent = if remaining == 0 {
+                    send_last(client, &mut staged, closing).await
+                } else {
+                    send_staged(client, &mut staged).await
+                };
+                if sent.is_err() {
                     break Err(());
                 }
                 if remaining == 0 {
@@ -517,6 +524,18 @@ async fn splice_rest(
         Spliced::BackendTimedOut => Ok(BodyEnd::Failed(ErrorKind::Timeout)),
         Spliced::ClientGone => Err(()),
     })
+}
+
+/// Sends the response's last bytes. When the connection closes right after, they go with
+/// MSG_MORE: TCP holds the last segment until the close, whose FIN then travels in it instead
+/// of a segment of its own.
+async fn send_last(client: &mut Conn, staged: &mut Vec<u8>, closing: bool) -> io::Result<()> {
+    if closing && !staged.is_empty() {
+        crate::splice::send_more(&mut client.stream, staged).await?;
+        staged.clear();
+        return Ok(());
+    }
+    send_staged(client, staged).await
 }
 
 /// Sends what `staged` holds (if anything) and empties it for the next gather.
