@@ -41,13 +41,9 @@ fn main() -> ExitCode {
         .parse_filters(&config.log_filter)
         .format_timestamp_millis()
         .init();
-    info!(
-        "starting balancer {}: {}",
-        env!("CARGO_PKG_VERSION"),
-        config.summary()
-    );
 
-    // BACKENDS names hosts; resolving them is part of validating the variable (exit 2).
+    // BACKENDS names hosts; resolving them is part of validating the variable (exit 2), so
+    // it comes before the startup summary: an invalid value prints one line and nothing else.
     let initial = match &config.backends {
         Some(set) => match resolve(set) {
             Ok(backends) => Update {
@@ -67,6 +63,11 @@ fn main() -> ExitCode {
             backends: Vec::new(),
         },
     };
+    info!(
+        "starting balancer {}: {}",
+        env!("CARGO_PKG_VERSION"),
+        config.summary()
+    );
     match run(config, initial) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -87,6 +88,18 @@ fn run(config: Config, initial: Update) -> Result<(), String> {
             return Err(StartupError::MemlockTooLow(limit).to_string());
         }
     }
+    // Bound before the shards start: a process that cannot start must never have accepted a
+    // connection or logged `listening on`.
+    let admin_listener = match config.admin_port {
+        Some(port) => Some(admin::bind(port).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                StartupError::PortInUse(SocketAddr::from(([127, 0, 0, 1], port))).to_string()
+            } else {
+                format!("cannot listen on 127.0.0.1:{port} (ADMIN_PORT): {e}")
+            }
+        })?),
+        None => None,
+    };
     let config = Arc::new(config);
     let initial = Arc::new(initial);
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
@@ -121,17 +134,15 @@ fn run(config: Config, initial: Update) -> Result<(), String> {
         shards.iter().map(|s| s.metrics.clone()).collect(),
     ));
     status.publish_set(initial.version, config.backends.clone().unwrap_or_default());
-    if let Some(port) = config.admin_port {
-        let listener = admin::bind(port).map_err(|e| {
-            stop(&shards);
-            if e.kind() == std::io::ErrorKind::AddrInUse {
-                StartupError::PortInUse(SocketAddr::from(([127, 0, 0, 1], port))).to_string()
-            } else {
-                format!("cannot listen on 127.0.0.1:{port} (ADMIN_PORT): {e}")
-            }
-        })?;
-        let admin_addr = listener.local_addr().map_err(|e| e.to_string())?;
-        admin::spawn(listener, status.clone()).map_err(|e| e.to_string())?;
+    if let Some(listener) = admin_listener {
+        let admin_addr = listener.local_addr().map_err(|e| e.to_string());
+        let admin_addr = admin_addr
+            .and_then(|a| {
+                admin::spawn(listener, status.clone())
+                    .map(|_| a)
+                    .map_err(|e| e.to_string())
+            })
+            .inspect_err(|_| stop(&shards))?;
         info!("admin on {admin_addr}");
     }
     if let Some(endpoint) = config.agent.clone() {

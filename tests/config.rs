@@ -178,6 +178,39 @@ fn an_http_port_in_use_exits_1_saying_so() {
 }
 
 #[test]
+fn an_unresolvable_backends_host_prints_only_the_error_line() {
+    // Resolving the hosts is part of validating BACKENDS, so it must come before anything
+    // else is logged (the startup summary included), as for every other invalid value.
+    let backends = r#"[{"host":"nosuchhost.invalid","port":80,"score":1}]"#;
+    let (code, _, err) = run_to_exit(&env_with(&[("BACKENDS", backends)]), &[]);
+    assert_eq!(code, Some(2), "stderr: {err}");
+    let lines = non_empty_lines(&err);
+    assert_eq!(lines.len(), 1, "one line on stderr: {err:?}");
+    assert!(
+        lines[0].contains("BACKENDS") && lines[0].contains("nosuchhost.invalid"),
+        "names the variable and the value: {}",
+        lines[0]
+    );
+}
+
+#[test]
+fn an_admin_port_in_use_exits_1_without_ever_listening() {
+    let holder = TcpListener::bind("127.0.0.1:0").expect("bind a port to hold");
+    let port = holder.local_addr().unwrap().port().to_string();
+    let (code, _, err) = run_to_exit(&env_with(&[("ADMIN_PORT", &port)]), &[]);
+    assert_eq!(code, Some(1), "stderr: {err}");
+    assert!(
+        err.lines()
+            .any(|l| l.to_ascii_lowercase().contains("in use") && l.contains(&port)),
+        "a line says port {port} is in use: {err}"
+    );
+    // `listening on` means every shard accepts (SPEC §3): a process that then fails to start
+    // must not have said it.
+    assert!(!err.contains("listening on"), "stderr: {err}");
+    drop(holder);
+}
+
+#[test]
 fn admin_port_off_starts_without_an_admin_listener_and_still_serves() {
     let a = Backend::named("a");
     let lb = Balancer::start(&[
