@@ -60,6 +60,9 @@ pub enum Rejection {
     DuplicateServer { index: usize, server: String },
     /// A binary WebSocket frame; produced by the socket layer, never by [`parse_snapshot`].
     BinaryFrame,
+    /// A text frame whose payload is not UTF-8 (so not JSON either); produced by the socket
+    /// layer.
+    NotUtf8,
 }
 
 impl fmt::Display for Rejection {
@@ -88,6 +91,7 @@ impl fmt::Display for Rejection {
                 write!(f, "entry {index}: duplicate server {server}")
             }
             Rejection::BinaryFrame => f.write_str("binary frames are not accepted"),
+            Rejection::NotUtf8 => f.write_str("not valid json: the text message is not UTF-8"),
         }
     }
 }

@@ -166,12 +166,18 @@ impl AgentLink {
                         // Pings are answered by tungstenite itself (flushed below).
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
                     };
-                    if let Some(reply) = reply {
-                        if let Err(e) = ws.send(Message::text(reply)) {
-                            return AgentError::Protocol(e);
-                        }
+                    if let Err(e) = answer(ws, reply) {
+                        return AgentError::Protocol(e);
                     }
-                    if let Err(e) = ws.flush() {
+                }
+                // A text frame that is not UTF-8 is a message that is not JSON: rejected like
+                // any other (SPEC §4). tungstenite has consumed the frame and its connection
+                // stays usable; RFC 6455 would have it failed, the SPEC keeps it open.
+                Err(tungstenite::Error::Utf8(_)) => {
+                    last_heard = Instant::now();
+                    pinged = false;
+                    let reply = self.reject(&Rejection::NotUtf8.to_string());
+                    if let Err(e) = answer(ws, Some(reply)) {
                         return AgentError::Protocol(e);
                     }
                 }
@@ -287,4 +293,12 @@ fn connect_any(host: &str, port: u16) -> Result<TcpStream, AgentError> {
         }
     }
     Err(AgentError::Connect(last))
+}
+
+/// Sends `reply` (if any) and flushes what tungstenite queued (pong answers included).
+fn answer(ws: &mut WebSocket<TcpStream>, reply: Option<String>) -> tungstenite::Result<()> {
+    if let Some(reply) = reply {
+        ws.send(Message::text(reply))?;
+    }
+    ws.flush()
 }

@@ -257,19 +257,37 @@ fn entry_without_port_uses_target_port_and_unknown_fields_are_ignored() {
 // ---------------------------------------------------------------------------------------------
 // Rejections: each keeps the previous set, the connection and the version count
 
-/// Serves A from BACKENDS, switches to B (version 2), sends `message` (or a binary frame) and
-/// checks the rejection, the warning, that B still serves, that the version did not move, and
-/// that the same connection then gets version 3 applied.
-fn assert_rejected(message: Option<&str>, reason_starts: &str) {
+/// What `assert_rejected` sends: a text message, a binary frame, or a text frame whose
+/// payload is not UTF-8.
+enum Sent<'a> {
+    Text(&'a str),
+    Binary,
+    NotUtf8,
+}
+
+impl<'a> From<Option<&'a str>> for Sent<'a> {
+    fn from(message: Option<&'a str>) -> Self {
+        message.map_or(Sent::Binary, Sent::Text)
+    }
+}
+
+/// Serves A from BACKENDS, switches to B (version 2), sends `message` and checks the
+/// rejection, the warning, that B still serves, that the version did not move, and that the
+/// same connection then gets version 3 applied.
+fn assert_rejected<'a>(message: impl Into<Sent<'a>>, reason_starts: &str) {
     let a = Backend::named("A");
     let b = Backend::named("B");
     let (balancer, agent, mut conn) = serving(&a);
     assert_eq!(conn.push(&server_set(&[(b.addr, 1.0)])), applied(2, 1));
 
-    let reply = match message {
-        Some(text) => conn.push(text),
-        None => {
+    let reply = match message.into() {
+        Sent::Text(text) => conn.push(text),
+        Sent::Binary => {
             conn.send_binary(br#"{"servers":[]}"#);
+            conn.recv_json()
+        }
+        Sent::NotUtf8 => {
+            conn.send_text_frame_bytes(b"{\"servers\": [\"\xff\xfe\"]}");
             conn.recv_json()
         }
     };
@@ -376,6 +394,13 @@ fn rejects_host_that_does_not_resolve() {
 #[test]
 fn rejects_binary_frames() {
     assert_rejected(None, "binary frames are not accepted");
+}
+
+#[test]
+fn rejects_a_text_frame_that_is_not_utf8_and_keeps_the_connection() {
+    // Not UTF-8 is not JSON: rejected like any other such message (SPEC §4), not a dropped
+    // connection.
+    assert_rejected(Sent::NotUtf8, "not valid json: ");
 }
 
 #[test]

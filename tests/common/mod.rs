@@ -773,6 +773,15 @@ impl AgentConn {
             .expect("send to balancer");
     }
 
+    /// A text frame carrying `bytes` as they are, valid UTF-8 or not.
+    pub fn send_text_frame_bytes(&mut self, bytes: &[u8]) {
+        use tungstenite::protocol::frame::{coding::Data, coding::OpCode, Frame};
+        let frame = Frame::message(bytes.to_vec(), OpCode::Data(Data::Text), true);
+        self.ws
+            .send(tungstenite::Message::Frame(frame))
+            .expect("send to balancer");
+    }
+
     pub fn send_binary(&mut self, bytes: &[u8]) {
         self.ws
             .send(tungstenite::Message::binary(bytes.to_vec()))
