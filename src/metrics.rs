@@ -356,7 +356,6 @@ pub fn render(shards: &[Arc<ShardMetrics>], global: &GlobalMetrics) -> String {
         let _ = writeln!(out, "{name} {value}");
     }
 
-    let total_score: f64 = backends.iter().map(|b| b.score).sum();
     let total_requests: u64 = backends.iter().map(|b| b.requests).sum();
     family(
         &mut out,
@@ -364,16 +363,13 @@ pub fn render(shards: &[Arc<ShardMetrics>], global: &GlobalMetrics) -> String {
         "gauge",
         "Share of traffic each backend's score asks for.",
     );
-    for b in &backends {
-        let share = if total_score > 0.0 {
-            b.score / total_score
-        } else {
-            0.0
-        };
+    let scores: Vec<f64> = backends.iter().map(|b| b.score).collect();
+    for (b, share) in backends.iter().zip(score_shares(&scores)) {
         let _ = writeln!(
             out,
-            "balancer_backend_score_share{{backend=\"{}\"}} {share}",
-            escape(&b.label)
+            "balancer_backend_score_share{{backend=\"{}\"}} {}",
+            escape(&b.label),
+            Sample(share)
         );
     }
     family(
@@ -390,11 +386,40 @@ pub fn render(shards: &[Arc<ShardMetrics>], global: &GlobalMetrics) -> String {
         };
         let _ = writeln!(
             out,
-            "balancer_backend_traffic_share{{backend=\"{}\"}} {share}",
-            escape(&b.label)
+            "balancer_backend_traffic_share{{backend=\"{}\"}} {}",
+            escape(&b.label),
+            Sample(share)
         );
     }
     out
+}
+
+/// Each score's share of their sum. Scores are finite but may each be near `f64::MAX`, so
+/// they are scaled by the largest first: their plain sum would overflow to infinity and
+/// every share would read 0.
+fn score_shares(scores: &[f64]) -> Vec<f64> {
+    let largest = scores.iter().copied().fold(0.0, f64::max);
+    if largest <= 0.0 {
+        return vec![0.0; scores.len()];
+    }
+    let total: f64 = scores.iter().map(|s| s / largest).sum();
+    scores.iter().map(|s| (s / largest) / total).collect()
+}
+
+/// A sample value in the exposition format: plain decimals for ordinary magnitudes, an
+/// exponent for tiny or huge ones (Rust's `Display` never uses one, so a share of 1e-308
+/// would print as 300-odd digits).
+struct Sample(f64);
+
+impl std::fmt::Display for Sample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let magnitude = self.0.abs();
+        if magnitude == 0.0 || (1e-6..1e15).contains(&magnitude) {
+            write!(f, "{}", self.0)
+        } else {
+            write!(f, "{:e}", self.0)
+        }
+    }
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -452,6 +477,45 @@ mod tests {
             "balancer_backend_errors_total{backend=\"10.0.0.1:80\",kind=\"timeout\"} 2\n"
         ));
         assert!(text.contains("balancer_backend_score_share{backend=\"10.0.0.1:80\"} 1\n"));
+    }
+
+    #[test]
+    fn score_shares_survive_scores_whose_sum_overflows() {
+        assert_eq!(score_shares(&[1e308, 1e308]), vec![0.5, 0.5]);
+        assert_eq!(score_shares(&[3.0, 1.0]), vec![0.75, 0.25]);
+        assert_eq!(score_shares(&[0.0, 0.0]), vec![0.0, 0.0]);
+        assert_eq!(score_shares(&[]), Vec::<f64>::new());
+        let tiny = score_shares(&[f64::MAX, 1.0]);
+        assert_eq!(tiny[0], 1.0);
+        assert!(tiny[1] > 0.0 && tiny[1] < 1e-300, "{tiny:?}");
+    }
+
+    #[test]
+    fn samples_print_compactly_and_parse_back() {
+        for (value, text) in [
+            (0.0, "0"),
+            (1.0, "1"),
+            (0.25, "0.25"),
+            (1e-308, "1e-308"),
+            (5e-7, "5e-7"),
+            (2e20, "2e20"),
+        ] {
+            let printed = Sample(value).to_string();
+            assert_eq!(printed, text);
+            assert_eq!(printed.parse::<f64>().ok(), Some(value));
+        }
+    }
+
+    #[test]
+    fn huge_scores_render_shares_that_add_up() {
+        let shard = Arc::new(ShardMetrics::default());
+        shard.set_backends(vec![
+            Arc::new(BackendStats::new(Arc::from("a:80"), 1e308)),
+            Arc::new(BackendStats::new(Arc::from("b:80"), 1e308)),
+        ]);
+        let text = render(&[shard], &GlobalMetrics::default());
+        assert!(text.contains("balancer_backend_score_share{backend=\"a:80\"} 0.5\n"));
+        assert!(text.contains("balancer_backend_score_share{backend=\"b:80\"} 0.5\n"));
     }
 
     #[test]
