@@ -170,10 +170,12 @@ impl AgentLink {
                         return AgentError::Protocol(e);
                     }
                 }
-                // A text frame that is not UTF-8 is a message that is not JSON: rejected like
-                // any other (SPEC §4). tungstenite has consumed the frame and its connection
-                // stays usable; RFC 6455 would have it failed, the SPEC keeps it open.
-                Err(tungstenite::Error::Utf8(_)) => {
+                // A text message that is not UTF-8 is a message that is not JSON: rejected like
+                // any other (SPEC §4), when tungstenite has consumed all of it and its
+                // connection stays usable (RFC 6455 would have it failed; the SPEC keeps it).
+                Err(tungstenite::Error::Utf8(detail))
+                    if utf8_error_left_connection_usable(&detail) =>
+                {
                     last_heard = Instant::now();
                     pinged = false;
                     let reply = self.reject(&Rejection::NotUtf8.to_string());
@@ -279,6 +281,24 @@ impl AgentLink {
     }
 }
 
+/// Whether tungstenite 0.30 reported invalid UTF-8 after consuming the whole message, so the
+/// next read starts cleanly at the next message. That is the case for an unfragmented text
+/// frame (`str::Utf8Error` text) and for a fragmented one that ends mid-character
+/// (`incomplete string:`). Invalid bytes inside a fragmented message are reported (as the
+/// replacement characters) while tungstenite may still hold the partial message and append
+/// later fragments to it, which could yield a spliced text that parses; that case, and any
+/// wording this does not know, keeps ending the connection. The unit tests below pin these
+/// wordings, so a tungstenite upgrade that changes them fails there first.
+fn utf8_error_left_connection_usable(detail: &str) -> bool {
+    [
+        "invalid utf-8 sequence",
+        "incomplete utf-8 byte sequence",
+        "incomplete string:",
+    ]
+    .iter()
+    .any(|prefix| detail.starts_with(prefix))
+}
+
 /// Connects to the first address of `host` that accepts, so a name with both an IPv6 and an
 /// IPv4 address works whichever one the agent listens on.
 fn connect_any(host: &str, port: u16) -> Result<TcpStream, AgentError> {
@@ -301,4 +321,80 @@ fn answer(ws: &mut WebSocket<TcpStream>, reply: Option<String>) -> tungstenite::
         ws.send(Message::text(reply))?;
     }
     ws.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Cursor, Read, Write};
+    use tungstenite::protocol::Role;
+
+    /// Frames "sent by the agent" to read, and a sink for the balancer's own writes.
+    struct Wire(Cursor<Vec<u8>>);
+
+    impl Read for Wire {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for Wire {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A client-side WebSocket reading `frames` (unmasked, as a server sends them).
+    fn client_reading(frames: &[&[u8]]) -> WebSocket<Wire> {
+        WebSocket::from_raw_socket(Wire(Cursor::new(frames.concat())), Role::Client, None)
+    }
+
+    fn utf8_detail(result: tungstenite::Result<Message>) -> String {
+        match result {
+            Err(tungstenite::Error::Utf8(detail)) => detail,
+            other => panic!("expected a UTF-8 error, got {other:?}"),
+        }
+    }
+
+    fn text(result: tungstenite::Result<Message>) -> String {
+        match result {
+            Ok(Message::Text(t)) => t.as_str().to_owned(),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_whole_text_frame_leaves_the_connection_usable() {
+        let mut ws = client_reading(&[b"\x81\x02\xff\xfe", b"\x81\x02ok"]);
+        let detail = utf8_detail(ws.read());
+        assert!(utf8_error_left_connection_usable(&detail), "{detail}");
+        assert_eq!(text(ws.read()), "ok");
+    }
+
+    #[test]
+    fn truncated_character_in_a_whole_text_frame_leaves_the_connection_usable() {
+        let mut ws = client_reading(&[b"\x81\x02a\xc3", b"\x81\x02ok"]);
+        let detail = utf8_detail(ws.read());
+        assert!(utf8_error_left_connection_usable(&detail), "{detail}");
+        assert_eq!(text(ws.read()), "ok");
+    }
+
+    #[test]
+    fn fragmented_message_ending_mid_character_leaves_the_connection_usable() {
+        let mut ws = client_reading(&[b"\x01\x01a", b"\x80\x01\xc3", b"\x81\x02ok"]);
+        let detail = utf8_detail(ws.read());
+        assert!(utf8_error_left_connection_usable(&detail), "{detail}");
+        assert_eq!(text(ws.read()), "ok");
+    }
+
+    #[test]
+    fn invalid_bytes_inside_a_fragmented_message_are_not_treated_as_usable() {
+        // tungstenite keeps "[" buffered and would deliver "[]" once the last fragment comes.
+        let mut ws = client_reading(&[b"\x01\x01[", b"\x00\x01\xff", b"\x80\x01]"]);
+        let detail = utf8_detail(ws.read());
+        assert!(!utf8_error_left_connection_usable(&detail), "{detail}");
+    }
 }
