@@ -366,28 +366,30 @@ mod tests {
         }
     }
 
-    #[test]
-    fn invalid_utf8_in_a_whole_text_frame_leaves_the_connection_usable() {
-        let mut ws = client_reading(&[b"\x81\x02\xff\xfe", b"\x81\x02ok"]);
+    /// Reads `bad` (frames making one message that is not UTF-8) then a text frame "ok":
+    /// the error must count as leaving the connection usable, and "ok" must read cleanly.
+    fn assert_usable_after(bad: &[&[u8]]) {
+        let mut frames = bad.to_vec();
+        frames.push(b"\x81\x02ok");
+        let mut ws = client_reading(&frames);
         let detail = utf8_detail(ws.read());
         assert!(utf8_error_left_connection_usable(&detail), "{detail}");
         assert_eq!(text(ws.read()), "ok");
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_whole_text_frame_leaves_the_connection_usable() {
+        assert_usable_after(&[b"\x81\x02\xff\xfe"]);
     }
 
     #[test]
     fn truncated_character_in_a_whole_text_frame_leaves_the_connection_usable() {
-        let mut ws = client_reading(&[b"\x81\x02a\xc3", b"\x81\x02ok"]);
-        let detail = utf8_detail(ws.read());
-        assert!(utf8_error_left_connection_usable(&detail), "{detail}");
-        assert_eq!(text(ws.read()), "ok");
+        assert_usable_after(&[b"\x81\x02a\xc3"]);
     }
 
     #[test]
     fn fragmented_message_ending_mid_character_leaves_the_connection_usable() {
-        let mut ws = client_reading(&[b"\x01\x01a", b"\x80\x01\xc3", b"\x81\x02ok"]);
-        let detail = utf8_detail(ws.read());
-        assert!(utf8_error_left_connection_usable(&detail), "{detail}");
-        assert_eq!(text(ws.read()), "ok");
+        assert_usable_after(&[b"\x01\x01a", b"\x80\x01\xc3"]);
     }
 
     #[test]
