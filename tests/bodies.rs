@@ -353,3 +353,29 @@ fn clients_leaving_part_way_through_spliced_bodies_leave_no_stale_bytes_behind()
         );
     }
 }
+
+#[test]
+fn a_spliced_body_on_a_closing_connection_arrives_whole_then_the_connection_ends() {
+    // Every byte must arrive and the connection must end right after them (copied bodies on
+    // closing connections hold their last bytes for the FIN; spliced ones must not lose any).
+    let backend = cutting_backend();
+    let set = server_set(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::start(&[("BACKENDS", set.as_str())]);
+    for request in [
+        "GET /whole HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+        "GET /whole HTTP/1.0\r\nHost: test\r\n\r\n",
+    ] {
+        let (mut writer, mut reader) = open(&balancer);
+        writer.write_all(request.as_bytes()).unwrap();
+        let resp = read_response(&mut reader, false).expect("a complete response");
+        assert_eq!(resp.status, 200, "{request}");
+        assert_eq!(hash(&resp.body), hash(&pattern(SPLICED, 6)), "{request}");
+        let mut rest = Vec::new();
+        let read = std::io::Read::read_to_end(&mut reader, &mut rest);
+        assert!(
+            matches!(read, Ok(0)),
+            "{request}: {read:?}, then {} bytes",
+            rest.len()
+        );
+    }
+}
