@@ -303,11 +303,6 @@ fn scrape(balancer: &Balancer) -> Exposition {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// A balancer in front of `servers` (address, score).
-fn balancer_for(servers: &[(SocketAddr, f64)]) -> Balancer {
-    Balancer::start(&[("BACKENDS", &server_set(servers))])
-}
-
 fn label(addr: SocketAddr) -> String {
     format!("{}:{}", addr.ip(), addr.port())
 }
@@ -340,7 +335,7 @@ fn eventually_metrics(balancer: &Balancer, what: &str, check: impl Fn(&Expositio
 #[test]
 fn metrics_follow_the_prometheus_text_format() {
     let backend = Backend::named("a");
-    let balancer = balancer_for(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     keep_alive_gets(balancer.addr, "/x", 5);
     let admin = balancer.admin.expect("admin listener");
     let resp = request(
@@ -362,7 +357,7 @@ fn metrics_follow_the_prometheus_text_format() {
 #[test]
 fn metrics_name_every_family_of_the_spec_with_its_type() {
     let backend = Backend::named("a");
-    let balancer = balancer_for(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     keep_alive_gets(balancer.addr, "/x", 1);
     let e = scrape(&balancer);
     let spec = [
@@ -395,7 +390,7 @@ fn metrics_name_every_family_of_the_spec_with_its_type() {
 #[test]
 fn metrics_carry_the_labels_of_the_spec() {
     let backend = Backend::named("a");
-    let balancer = balancer_for(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     keep_alive_gets(balancer.addr, "/x", 1);
     let b = label(backend.addr);
     eventually_metrics(&balancer, "a code-labelled request count", |e| {
@@ -444,7 +439,7 @@ fn requests_total_counts_answers_by_status_code() {
             Reply::Bytes(ok(b"here"))
         }
     }));
-    let balancer = balancer_for(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let before = scrape(&balancer);
     let ok_before = before
         .value("balancer_requests_total", &[("code", "200")])
@@ -463,7 +458,7 @@ fn requests_total_counts_answers_by_status_code() {
 #[test]
 fn backend_requests_total_counts_requests_per_backend() {
     let backend = Backend::named("a");
-    let balancer = balancer_for(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let b = label(backend.addr);
     let before = scrape(&balancer).get("balancer_backend_requests_total", &[("backend", &b)]);
     keep_alive_gets(balancer.addr, "/x", 7);
@@ -475,7 +470,7 @@ fn backend_requests_total_counts_requests_per_backend() {
 #[test]
 fn upstream_connections_are_counted_as_created_then_reused() {
     let backend = Backend::named("a");
-    let balancer = balancer_for(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let before = scrape(&balancer);
     let created_before = before.get("balancer_upstream_connections_created_total", &[]);
     let reused_before = before.get("balancer_upstream_connections_reused_total", &[]);
@@ -499,7 +494,7 @@ fn upstream_connections_are_counted_as_created_then_reused() {
 #[test]
 fn request_duration_histogram_counts_every_request() {
     let backend = Backend::named("a");
-    let balancer = balancer_for(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let before = scrape(&balancer).get("balancer_request_duration_seconds_count", &[]);
     keep_alive_gets(balancer.addr, "/x", 6);
     eventually_metrics(&balancer, "6 more observations", |e| {
@@ -515,7 +510,7 @@ fn request_duration_histogram_counts_every_request() {
 #[test]
 fn score_share_follows_the_scores() {
     let (a, b) = (Backend::named("a"), Backend::named("b"));
-    let balancer = balancer_for(&[(a.addr, 1.0), (b.addr, 3.0)]);
+    let balancer = Balancer::serving(&[(a.addr, 1.0), (b.addr, 3.0)]);
     let e = scrape(&balancer);
     let share_a = e.get(
         "balancer_backend_score_share",
@@ -532,7 +527,7 @@ fn score_share_follows_the_scores() {
 #[test]
 fn traffic_share_approaches_the_score_share_after_traffic() {
     let (a, b) = (Backend::named("a"), Backend::named("b"));
-    let balancer = balancer_for(&[(a.addr, 1.0), (b.addr, 3.0)]);
+    let balancer = Balancer::serving(&[(a.addr, 1.0), (b.addr, 3.0)]);
     let statuses = keep_alive_gets(balancer.addr, "/x", 2000);
     assert!(statuses.iter().all(|s| *s == 200));
     let e = scrape(&balancer);
@@ -562,7 +557,7 @@ fn traffic_share_approaches_the_score_share_after_traffic() {
 #[test]
 fn servers_lists_each_server_with_its_score_ejections_and_in_flight_count() {
     let (a, b) = (Backend::named("a"), Backend::named("b"));
-    let balancer = balancer_for(&[(a.addr, 1.0), (b.addr, 3.5)]);
+    let balancer = Balancer::serving(&[(a.addr, 1.0), (b.addr, 3.5)]);
     let (status, body) = balancer.admin_get("/servers");
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&body).expect("/servers is JSON");
@@ -603,7 +598,7 @@ fn servers_shows_a_request_in_flight_while_the_backend_holds_it() {
             let _ = writer.write_all(&ok(b"held"));
         }
     }));
-    let balancer = balancer_for(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let in_flight = || {
         let (_, body) = balancer.admin_get("/servers");
         let doc: serde_json::Value = serde_json::from_str(&body).expect("/servers is JSON");
@@ -622,14 +617,14 @@ fn servers_shows_a_request_in_flight_while_the_backend_holds_it() {
 #[test]
 fn healthz_answers_200_while_serving() {
     let backend = Backend::named("a");
-    let balancer = balancer_for(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     assert_eq!(balancer.admin_get("/healthz").0, 200);
 }
 
 #[test]
 fn unknown_admin_path_is_404() {
     let backend = Backend::named("a");
-    let balancer = balancer_for(&[(backend.addr, 1.0)]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     assert_eq!(balancer.admin_get("/nope").0, 404);
     assert_eq!(balancer.admin_get("/metrics/extra").0, 404);
 }

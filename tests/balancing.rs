@@ -15,10 +15,6 @@ fn refused_addr() -> SocketAddr {
     listener.local_addr().expect("probe address")
 }
 
-fn start_with(servers: &[(SocketAddr, f64)]) -> Balancer {
-    Balancer::start(&[("BACKENDS", &server_set(servers))])
-}
-
 fn servers_doc(lb: &Balancer) -> serde_json::Value {
     let (status, body) = lb.admin_get("/servers");
     assert_eq!(status, 200, "/servers answers 200; body: {body}");
@@ -39,7 +35,7 @@ fn server_entry(doc: &serde_json::Value, addr: SocketAddr) -> serde_json::Value 
 #[test]
 fn the_only_backend_receives_every_request() {
     let a = Backend::named("a");
-    let lb = start_with(&[(a.addr, 1.0)]);
+    let lb = Balancer::serving(&[(a.addr, 1.0)]);
     for _ in 0..5 {
         let resp = get(lb.addr, "/only");
         assert_eq!(resp.status, 200);
@@ -56,7 +52,7 @@ fn the_only_backend_receives_every_request() {
 fn traffic_splits_in_proportion_to_scores() {
     let light = Backend::named("light");
     let heavy = Backend::named("heavy");
-    let lb = start_with(&[(light.addr, 1.0), (heavy.addr, 3.0)]);
+    let lb = Balancer::serving(&[(light.addr, 1.0), (heavy.addr, 3.0)]);
     let n = 2000;
     let counts = spread(lb.addr, n);
     let light_n = counts.get("light").copied().unwrap_or(0);
@@ -78,7 +74,7 @@ fn traffic_splits_in_proportion_to_scores() {
 fn a_server_with_score_zero_gets_no_requests() {
     let live = Backend::named("live");
     let draining = Backend::named("draining");
-    let lb = start_with(&[(live.addr, 1.0), (draining.addr, 0.0)]);
+    let lb = Balancer::serving(&[(live.addr, 1.0), (draining.addr, 0.0)]);
     let counts = spread(lb.addr, 200);
     assert_eq!(counts.get("live").copied(), Some(200), "{counts:?}");
     assert_eq!(draining.requests(), 0);
@@ -87,7 +83,7 @@ fn a_server_with_score_zero_gets_no_requests() {
 #[test]
 fn sequential_keep_alive_requests_reuse_upstream_connections() {
     let a = Backend::named("a");
-    let lb = start_with(&[(a.addr, 1.0)]);
+    let lb = Balancer::serving(&[(a.addr, 1.0)]);
     let reused_metric = "balancer_upstream_connections_reused_total";
     let before = lb.metric(reused_metric).unwrap_or(0.0);
     let counts = spread(lb.addr, 200);
@@ -107,7 +103,7 @@ fn sequential_keep_alive_requests_reuse_upstream_connections() {
 fn a_stopped_backend_is_ejected_and_no_client_sees_an_error() {
     let healthy = Backend::named("healthy");
     let mut doomed = Backend::named("doomed");
-    let lb = start_with(&[(healthy.addr, 1.0), (doomed.addr, 1.0)]);
+    let lb = Balancer::serving(&[(healthy.addr, 1.0), (doomed.addr, 1.0)]);
 
     let warm = spread(lb.addr, 20);
     assert_eq!(warm.values().sum::<usize>(), 20);
@@ -166,7 +162,7 @@ fn with_every_backend_failing_requests_are_still_attempted() {
     let closing: Handler = Arc::new(|_| Reply::Close);
     let a = Backend::start(closing.clone());
     let b = Backend::start(closing);
-    let lb = start_with(&[(a.addr, 1.0), (b.addr, 1.0)]);
+    let lb = Balancer::serving(&[(a.addr, 1.0), (b.addr, 1.0)]);
     let attempts = || a.requests() + b.requests();
 
     // Enough failures to eject both servers (3 in a row each).
@@ -196,7 +192,7 @@ fn with_every_backend_failing_requests_are_still_attempted() {
 fn servers_document_lists_every_server_with_its_state() {
     let a = Backend::named("a");
     let b = Backend::named("b");
-    let lb = start_with(&[(a.addr, 1.5), (b.addr, 0.0)]);
+    let lb = Balancer::serving(&[(a.addr, 1.5), (b.addr, 0.0)]);
     assert_eq!(get(lb.addr, "/").status, 200);
 
     let doc = servers_doc(&lb);
@@ -225,7 +221,7 @@ fn servers_document_lists_every_server_with_its_state() {
 fn a_refused_server_is_reported_in_the_ejected_gauge() {
     let healthy = Backend::named("healthy");
     let dead = refused_addr();
-    let lb = start_with(&[(healthy.addr, 1.0), (dead, 1.0)]);
+    let lb = Balancer::serving(&[(healthy.addr, 1.0), (dead, 1.0)]);
     for i in 0..30 {
         let resp = get(lb.addr, &format!("/probe/{i}"));
         assert_eq!(

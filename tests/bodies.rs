@@ -14,8 +14,7 @@ const BIG: usize = 50 * 1024 * 1024;
 /// One backend behind one balancer.
 fn proxy(handler: Handler) -> (Backend, Balancer) {
     let backend = Backend::start(handler);
-    let set = server_set(&[(backend.addr, 1.0)]);
-    let balancer = Balancer::start(&[("BACKENDS", set.as_str())]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     (backend, balancer)
 }
 
@@ -234,8 +233,7 @@ const TRICKLE: usize = 200 * 1024;
 #[test]
 fn bodies_arriving_in_uneven_pieces_with_pauses_come_out_exact_in_every_framing() {
     let backend = trickling_backend();
-    let set = server_set(&[(backend.addr, 1.0)]);
-    let balancer = Balancer::start(&[("BACKENDS", set.as_str())]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let expected = pattern(TRICKLE, 9);
     let (mut writer, mut reader) = open(&balancer);
     // Twice each on one client connection: the second proves the first left no stray bytes;
@@ -303,8 +301,7 @@ fn cutting_backend() -> RawBackend {
 #[test]
 fn a_backend_closing_part_way_through_a_spliced_body_ends_the_client_connection() {
     let backend = cutting_backend();
-    let set = server_set(&[(backend.addr, 1.0)]);
-    let balancer = Balancer::start(&[("BACKENDS", set.as_str())]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let (mut writer, mut reader) = open(&balancer);
     writer
         .write_all(b"GET /cut HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -326,9 +323,8 @@ fn a_backend_closing_part_way_through_a_spliced_body_ends_the_client_connection(
 #[test]
 fn clients_leaving_part_way_through_spliced_bodies_leave_no_stale_bytes_behind() {
     let backend = cutting_backend();
-    let set = server_set(&[(backend.addr, 1.0)]);
     // The harness runs one shard, so every request shares its pipe pool.
-    let balancer = Balancer::start(&[("BACKENDS", set.as_str())]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     for _ in 0..5 {
         let (mut writer, mut reader) = open(&balancer);
         writer
@@ -359,8 +355,7 @@ fn a_spliced_body_on_a_closing_connection_arrives_whole_then_the_connection_ends
     // Every byte must arrive and the connection must end right after them (copied bodies on
     // closing connections hold their last bytes for the FIN; spliced ones must not lose any).
     let backend = cutting_backend();
-    let set = server_set(&[(backend.addr, 1.0)]);
-    let balancer = Balancer::start(&[("BACKENDS", set.as_str())]);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     for request in [
         "GET /whole HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
         "GET /whole HTTP/1.0\r\nHost: test\r\n\r\n",

@@ -17,10 +17,6 @@ fn refused_addr() -> SocketAddr {
     listener.local_addr().expect("probe address")
 }
 
-fn start_with(servers: &[(SocketAddr, f64)]) -> Balancer {
-    Balancer::start(&[("BACKENDS", &server_set(servers))])
-}
-
 fn closing() -> Handler {
     Arc::new(|_| Reply::Close)
 }
@@ -93,7 +89,7 @@ fn an_empty_server_set_answers_503_with_a_short_text_body() {
 
 #[test]
 fn every_backend_refusing_connections_answers_502() {
-    let lb = start_with(&[(refused_addr(), 1.0), (refused_addr(), 1.0)]);
+    let lb = Balancer::serving(&[(refused_addr(), 1.0), (refused_addr(), 1.0)]);
     for i in 0..5 {
         let resp = get(lb.addr, &format!("/refused/{i}"));
         assert_eq!(resp.status, 502, "request {i}: {}", resp.text());
@@ -124,7 +120,7 @@ fn a_backend_that_never_answers_gets_504_after_the_request_timeout() {
 fn a_get_the_backend_closes_without_answering_is_retried_on_another_server() {
     let closer = Backend::start(closing());
     let good = Backend::named("good");
-    let lb = start_with(&[(closer.addr, 1.0), (good.addr, 1.0)]);
+    let lb = Balancer::serving(&[(closer.addr, 1.0), (good.addr, 1.0)]);
     let n = 20;
     for i in 0..n {
         let resp = get(lb.addr, &format!("/get/{i}"));
@@ -150,7 +146,7 @@ fn a_post_with_a_body_the_backend_closes_on_is_not_retried() {
     let closer = Backend::start(closing());
     let good = Backend::named("good");
     // The closing server is picked first almost always, before it is ejected.
-    let lb = start_with(&[(closer.addr, 9.0), (good.addr, 1.0)]);
+    let lb = Balancer::serving(&[(closer.addr, 9.0), (good.addr, 1.0)]);
     let mut reached_closer = 0;
     for i in 0..10 {
         let target = format!("/post/{i}");
@@ -190,7 +186,7 @@ fn a_post_with_a_body_the_backend_closes_on_is_not_retried() {
 fn a_request_reaches_at_most_three_servers() {
     let backends: Vec<Backend> = (0..4).map(|_| Backend::start(closing())).collect();
     let servers: Vec<(SocketAddr, f64)> = backends.iter().map(|b| (b.addr, 1.0)).collect();
-    let lb = start_with(&servers);
+    let lb = Balancer::serving(&servers);
     for i in 0..8 {
         let target = format!("/retry/{i}");
         let resp = get(lb.addr, &target);
@@ -220,7 +216,7 @@ fn a_malformed_backend_response_answers_502() {
     let garbage = Backend::start(Arc::new(|_| {
         Reply::Bytes(b"NOT-HTTP garbage here\r\nno: status line\r\n\r\n".to_vec())
     }));
-    let lb = start_with(&[(garbage.addr, 1.0)]);
+    let lb = Balancer::serving(&[(garbage.addr, 1.0)]);
     let resp = get(lb.addr, "/garbage");
     assert_eq!(resp.status, 502, "{}", resp.text());
     assert!(resp.body.len() < 1024);
@@ -235,7 +231,7 @@ fn a_backend_dying_mid_body_closes_the_client_connection_short() {
         bytes.extend_from_slice(&pattern(1000, 7));
         Reply::BytesThenClose(bytes)
     }));
-    let lb = start_with(&[(dying.addr, 1.0)]);
+    let lb = Balancer::serving(&[(dying.addr, 1.0)]);
     let mut client = connect(lb.addr);
     client
         .write_all(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -278,7 +274,7 @@ fn a_backend_dying_mid_chunked_body_never_sends_the_last_chunk() {
         }
         Reply::BytesThenClose(bytes)
     }));
-    let lb = start_with(&[(dying.addr, 1.0)]);
+    let lb = Balancer::serving(&[(dying.addr, 1.0)]);
     let mut client = connect(lb.addr);
     client
         .write_all(b"GET /chunks HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -371,7 +367,7 @@ fn a_backend_dying_mid_chunked_body_resets_an_http_1_0_client() {
         bytes.extend_from_slice(b"\r\n");
         Reply::BytesThenClose(bytes)
     }));
-    let lb = start_with(&[(dying.addr, 1.0)]);
+    let lb = Balancer::serving(&[(dying.addr, 1.0)]);
     assert_cut_short_body_ends_in_a_reset(&lb, b"GET /chunks HTTP/1.0\r\nHost: test\r\n\r\n");
 }
 
@@ -391,7 +387,7 @@ fn a_backend_resetting_a_close_delimited_body_resets_the_client() {
         std::thread::sleep(Duration::from_millis(50));
         let _ = socket2::SockRef::from(&writer).set_linger(Some(Duration::ZERO));
     }));
-    let lb = start_with(&[(resetting.addr, 1.0)]);
+    let lb = Balancer::serving(&[(resetting.addr, 1.0)]);
     for request in [
         &b"GET /close HTTP/1.1\r\nHost: test\r\n\r\n"[..],
         &b"GET /close HTTP/1.0\r\nHost: test\r\n\r\n"[..],
@@ -404,7 +400,7 @@ fn a_backend_resetting_a_close_delimited_body_resets_the_client() {
 fn gets_on_connections_the_backend_closed_while_pooled_never_fail() {
     // Keep-alive answers (no `Connection: close`), but the backend closes right after each.
     let backend = Backend::start(Arc::new(|_| Reply::BytesThenClose(ok(b"fine"))));
-    let lb = start_with(&[(backend.addr, 1.0)]);
+    let lb = Balancer::serving(&[(backend.addr, 1.0)]);
     let client = connect(lb.addr);
     let mut writer = client.try_clone().unwrap();
     let mut reader = BufReader::new(client);
@@ -427,7 +423,7 @@ fn posts_on_connections_the_backend_closed_while_pooled_never_fail() {
         reply.extend_from_slice(b"done");
         Reply::BytesThenClose(reply)
     }));
-    let lb = start_with(&[(backend.addr, 1.0)]);
+    let lb = Balancer::serving(&[(backend.addr, 1.0)]);
     let client = connect(lb.addr);
     let mut writer = client.try_clone().unwrap();
     let mut reader = BufReader::new(client);
@@ -463,7 +459,7 @@ fn outcome_after_a_close(method: &str, body: Option<&str>) -> Option<(u16, bool)
         }
     }));
     // The closing server is picked first almost always (and is ejected only after 3 failures).
-    let lb = start_with(&[(closer.addr, 9.0), (good.addr, 1.0)]);
+    let lb = Balancer::serving(&[(closer.addr, 9.0), (good.addr, 1.0)]);
     let framing = body.map_or(String::new(), |b| {
         format!("Content-Length: {}\r\n", b.len())
     });
@@ -540,7 +536,7 @@ fn requests_with_a_body_or_unsafe_methods_are_not_retried_after_a_close() {
 fn large_uploads_on_connections_the_backend_closed_while_pooled_never_fail() {
     // Bodies too large to buffer for a replay, so the pool must not hand out a dead connection.
     let backend = Backend::start(Arc::new(|_| Reply::BytesThenClose(ok(b"stored"))));
-    let lb = start_with(&[(backend.addr, 1.0)]);
+    let lb = Balancer::serving(&[(backend.addr, 1.0)]);
     let client = connect(lb.addr);
     let mut writer = client.try_clone().unwrap();
     let mut reader = BufReader::new(client);
@@ -570,7 +566,7 @@ fn large_uploads_on_connections_the_backend_closed_while_pooled_never_fail() {
 #[test]
 fn chunked_uploads_on_connections_the_backend_closed_while_pooled_never_fail() {
     let backend = Backend::start(Arc::new(|_| Reply::BytesThenClose(ok(b"stored"))));
-    let lb = start_with(&[(backend.addr, 1.0)]);
+    let lb = Balancer::serving(&[(backend.addr, 1.0)]);
     let client = connect(lb.addr);
     let mut writer = client.try_clone().unwrap();
     let mut reader = BufReader::new(client);

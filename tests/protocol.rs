@@ -5,15 +5,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::{mpsc, Arc, Mutex};
 
 use common::*;
-
-/// A balancer whose only server is `backend`.
-fn balancer_for(backend: SocketAddr) -> Balancer {
-    Balancer::start(&[("BACKENDS", &server_set(&[(backend, 1.0)]))])
-}
 
 /// A client connection split into a writer and a buffered reader.
 fn client(balancer: &Balancer) -> (TcpStream, BufReader<TcpStream>) {
@@ -105,7 +100,7 @@ fn expect_continue_client_gets_100_then_200_and_the_body_arrives_intact() {
             format!("{} {:x}", seen.body_len, seen.body_hash).as_bytes()
         ))
     }));
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let body = pattern(100_000, 3);
     let (mut writer, mut reader) = client(&balancer);
     writer
@@ -135,7 +130,7 @@ fn expect_continue_client_gets_100_then_200_and_the_body_arrives_intact() {
 fn expect_answered_417_reaches_the_waiting_client_and_no_body_reaches_the_backend() {
     let (backend, received) =
         rejecting_backend(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n");
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let (mut writer, mut reader) = client(&balancer);
     writer
         .write_all(b"PUT /big HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 5000000\r\n\r\n")
@@ -154,7 +149,7 @@ fn expect_answered_413_stops_an_eager_body_before_the_backend() {
     let (backend, received) = rejecting_backend(
         b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n",
     );
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let (mut writer, mut reader) = client(&balancer);
     // A client that does not wait: head and the start of its body in one write.
     let mut eager = b"POST /big HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 1000000\r\n\r\n".to_vec();
@@ -187,7 +182,7 @@ fn early_hints_reach_the_client_before_the_final_response() {
             let _ = writer.write_all(&ok(b"final"));
         }
     }));
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let (mut writer, mut reader) = client(&balancer);
     writer
         .write_all(b"GET /page HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -239,7 +234,7 @@ fn head_response_carries_no_body() {
     let backend = special_backend(
         b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nContent-Type: text/plain\r\n\r\n",
     );
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let (head, next) = two_on_one_connection(
         &balancer,
         "HEAD /special HTTP/1.1\r\nHost: test\r\n\r\n",
@@ -253,7 +248,7 @@ fn head_response_carries_no_body() {
 #[test]
 fn no_content_response_carries_no_body() {
     let backend = special_backend(b"HTTP/1.1 204 No Content\r\nX-Done: yes\r\n\r\n");
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let (first, next) = two_on_one_connection(
         &balancer,
         "DELETE /special HTTP/1.1\r\nHost: test\r\n\r\n",
@@ -273,7 +268,7 @@ fn no_content_response_carries_no_body() {
 fn not_modified_response_carries_no_body() {
     let backend =
         special_backend(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nContent-Length: 50\r\n\r\n");
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let (first, next) = two_on_one_connection(
         &balancer,
         "GET /special HTTP/1.1\r\nHost: test\r\nIf-None-Match: \"v1\"\r\n\r\n",
@@ -292,7 +287,7 @@ fn not_modified_response_carries_no_body() {
 #[test]
 fn client_connection_close_is_answered_with_connection_close_then_eof() {
     let backend = Backend::named("bye");
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let (mut writer, mut reader) = client(&balancer);
     writer
         .write_all(b"GET /x HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
@@ -319,7 +314,7 @@ fn backend_connection_close_keeps_the_client_connection_alive() {
             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nonce".to_vec(),
         )
     }));
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let (mut writer, mut reader) = client(&balancer);
     for i in 0..3 {
         writer
@@ -353,7 +348,7 @@ fn chunked_trailers_reach_an_http11_client() {
     let backend = Backend::start(Arc::new(|_seen: &Seen| {
         Reply::Bytes(CHUNKED_WITH_TRAILER.to_vec())
     }));
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let (mut writer, mut reader) = client(&balancer);
     writer
         .write_all(b"GET /t HTTP/1.1\r\nHost: test\r\nTE: trailers\r\nConnection: close\r\n\r\n")
@@ -375,7 +370,7 @@ fn chunked_trailers_are_dropped_for_an_http10_client() {
     let backend = Backend::start(Arc::new(|_seen: &Seen| {
         Reply::Bytes(CHUNKED_WITH_TRAILER.to_vec())
     }));
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let (mut writer, mut reader) = client(&balancer);
     writer
         .write_all(b"GET /t HTTP/1.0\r\nHost: test\r\n\r\n")
@@ -399,7 +394,7 @@ fn options_asterisk_is_forwarded_and_answered() {
             b"HTTP/1.1 200 OK\r\nAllow: GET, HEAD, OPTIONS\r\nContent-Length: 0\r\n\r\n".to_vec(),
         )
     }));
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let resp = request(
         balancer.addr,
         "OPTIONS * HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
@@ -416,7 +411,7 @@ fn options_asterisk_is_forwarded_and_answered() {
 #[test]
 fn absolute_form_target_is_forwarded_in_origin_form_with_its_authority_as_host() {
     let backend = Backend::named("abs");
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let resp = request(
         balancer.addr,
         "GET http://example.org:8080/p/q?x=1 HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
@@ -437,7 +432,7 @@ fn absolute_form_target_is_forwarded_in_origin_form_with_its_authority_as_host()
 #[test]
 fn connect_is_refused_with_405() {
     let backend = Backend::named("never");
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let resp = request(
         balancer.addr,
         "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",

@@ -13,11 +13,6 @@ use common::*;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
-/// A balancer whose only server is `backend`.
-fn balancer_for(backend: std::net::SocketAddr) -> Balancer {
-    Balancer::start(&[("BACKENDS", &server_set(&[(backend, 1.0)]))])
-}
-
 /// A WebSocket client connected to the echo backend through the balancer.
 fn ws_client(balancer: &Balancer, path: &str) -> WebSocket<TcpStream> {
     let stream = connect(balancer.addr);
@@ -63,7 +58,7 @@ fn read_until_closed(
 #[test]
 fn text_message_is_echoed_through_the_tunnel() {
     let echo = WsEcho::start();
-    let balancer = balancer_for(echo.addr);
+    let balancer = Balancer::serving(&[(echo.addr, 1.0)]);
     let mut ws = ws_client(&balancer, "/chat");
     ws.send(Message::text("hello through the balancer"))
         .unwrap();
@@ -76,7 +71,7 @@ fn text_message_is_echoed_through_the_tunnel() {
 #[test]
 fn binary_message_is_echoed_through_the_tunnel() {
     let echo = WsEcho::start();
-    let balancer = balancer_for(echo.addr);
+    let balancer = Balancer::serving(&[(echo.addr, 1.0)]);
     let mut ws = ws_client(&balancer, "/bin");
     let payload: Vec<u8> = (0..=255u8).chain(0..=255u8).collect();
     ws.send(Message::binary(payload.clone())).unwrap();
@@ -86,7 +81,7 @@ fn binary_message_is_echoed_through_the_tunnel() {
 #[test]
 fn upgrade_headers_reach_the_backend() {
     let echo = WsEcho::start();
-    let balancer = balancer_for(echo.addr);
+    let balancer = Balancer::serving(&[(echo.addr, 1.0)]);
     let mut ws = ws_client(&balancer, "/room/7?user=a");
     ws.send(Message::text("x")).unwrap();
     next_message(&mut ws);
@@ -107,7 +102,7 @@ fn upgrade_headers_reach_the_backend() {
 #[test]
 fn one_mebibyte_message_is_echoed_intact() {
     let echo = WsEcho::start();
-    let balancer = balancer_for(echo.addr);
+    let balancer = Balancer::serving(&[(echo.addr, 1.0)]);
     let mut ws = ws_client(&balancer, "/big");
     let payload = pattern(1 << 20, 11);
     ws.send(Message::binary(payload.clone())).unwrap();
@@ -123,7 +118,7 @@ fn one_mebibyte_message_is_echoed_intact() {
 #[test]
 fn a_thousand_small_messages_are_echoed_in_order() {
     let echo = WsEcho::start();
-    let balancer = balancer_for(echo.addr);
+    let balancer = Balancer::serving(&[(echo.addr, 1.0)]);
     let mut ws = ws_client(&balancer, "/many");
     for i in 0..1000 {
         ws.send(Message::text(format!("message {i}"))).unwrap();
@@ -140,7 +135,7 @@ fn a_thousand_small_messages_are_echoed_in_order() {
 #[test]
 fn close_started_by_the_client_completes_and_the_connection_ends() {
     let echo = WsEcho::start();
-    let balancer = balancer_for(echo.addr);
+    let balancer = Balancer::serving(&[(echo.addr, 1.0)]);
     let mut ws = ws_client(&balancer, "/bye");
     ws.send(Message::text("before close")).unwrap();
     next_message(&mut ws);
@@ -159,7 +154,7 @@ fn close_started_by_the_client_completes_and_the_connection_ends() {
 #[test]
 fn close_started_by_the_server_reaches_the_client() {
     let echo = WsEcho::start();
-    let balancer = balancer_for(echo.addr);
+    let balancer = Balancer::serving(&[(echo.addr, 1.0)]);
     let mut ws = ws_client(&balancer, "/bye");
     ws.send(Message::text("close")).unwrap();
     let closes = read_until_closed(&mut ws);
@@ -178,7 +173,7 @@ fn close_started_by_the_server_reaches_the_client() {
 #[test]
 fn tunnel_client_sees_eof_after_the_backend_closes() {
     let echo = WsEcho::start();
-    let balancer = balancer_for(echo.addr);
+    let balancer = Balancer::serving(&[(echo.addr, 1.0)]);
     let mut ws = ws_client(&balancer, "/bye");
     ws.send(Message::text("close")).unwrap();
     read_until_closed(&mut ws);
@@ -193,7 +188,7 @@ fn non_101_answer_to_an_upgrade_is_relayed_as_a_normal_response() {
     let backend = Backend::start(std::sync::Arc::new(|_seen: &Seen| {
         Reply::Bytes(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\nContent-Type: text/plain\r\n\r\nno socket".to_vec())
     }));
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let stream = connect(balancer.addr);
     let mut writer = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
@@ -225,7 +220,7 @@ fn non_101_answer_to_an_upgrade_is_relayed_as_a_normal_response() {
 #[test]
 fn h2c_upgrade_is_removed_and_the_request_forwarded_as_plain_http() {
     let backend = Backend::named("plain");
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let resp = request(
         balancer.addr,
         "GET /h2 HTTP/1.1\r\nHost: test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
@@ -258,7 +253,7 @@ fn h2c_upgrade_is_removed_and_the_request_forwarded_as_plain_http() {
 #[test]
 fn tunnel_stays_open_through_a_pause_between_messages() {
     let echo = WsEcho::start();
-    let balancer = balancer_for(echo.addr);
+    let balancer = Balancer::serving(&[(echo.addr, 1.0)]);
     let mut ws = ws_client(&balancer, "/slow");
     std::thread::sleep(Duration::from_millis(300));
     ws.send(Message::text("after a pause")).unwrap();
@@ -301,7 +296,7 @@ fn never_closing_upgrade_backend(cut_off: std::sync::Arc<AtomicBool>) -> RawBack
 fn a_tunnel_ends_when_the_client_closes_even_if_the_backend_never_does() {
     let cut_off = std::sync::Arc::new(AtomicBool::new(false));
     let backend = never_closing_upgrade_backend(cut_off.clone());
-    let balancer = balancer_for(backend.addr);
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let mut client = connect(balancer.addr);
     client
         .write_all(

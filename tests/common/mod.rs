@@ -31,6 +31,11 @@ impl Balancer {
         Self::try_start(env).unwrap_or_else(|log| panic!("balancer did not start; log:\n{log}"))
     }
 
+    /// Starts the binary with `BACKENDS` set to `servers` (address, score).
+    pub fn serving(servers: &[(SocketAddr, f64)]) -> Balancer {
+        Self::start(&[("BACKENDS", &server_set(servers))])
+    }
+
     pub fn try_start(env: &[(&str, &str)]) -> Result<Balancer, String> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_balancer"));
         cmd.env_clear()
