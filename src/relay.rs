@@ -272,8 +272,7 @@ pub async fn relay_response(
         client,
         upstream,
         resp.framing,
-        dechunk,
-        !keep_alive,
+        &opts,
         out,
         &mut store_plan,
         shard,
@@ -350,18 +349,19 @@ fn plan_store(ex: &Exchange<'_>, resp: &ResponseHead, pending: &[u8]) -> Option<
 /// Copies the response body to the client in its framing (or de-chunked for HTTP/1.0),
 /// sending the already-rendered head (in `staged`) with the first bytes; copies it for the
 /// cache too. Before each send, `staged` is topped up with whatever the backend has ready, so
-/// a response leaves in as few sends as its arrival allows. `Err(())`: the client went away.
-#[allow(clippy::too_many_arguments)]
+/// a response leaves in as few sends as its arrival allows. `opts` are the head's: whether
+/// the body is de-chunked, and whether the connection closes after it. `Err(())`: the client
+/// went away.
 async fn stream_body(
     client: &mut Conn,
     upstream: &mut Upstream,
     framing: ResponseFraming,
-    dechunk: bool,
-    closing: bool,
+    opts: &ResponseOptions<'_>,
     mut staged: PooledBuffer<'_>,
     plan: &mut Option<StorePlan>,
     shard: &Shard,
 ) -> Result<BodyEnd, ()> {
+    let (dechunk, closing) = (opts.dechunk, !opts.keep_alive);
     let max_store = shard.config.cache_max_object_bytes;
     // A body copied for the cache has to pass through user space anyway.
     let may_splice = plan.is_none();
