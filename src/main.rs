@@ -135,13 +135,12 @@ fn run(config: Config, initial: Update) -> Result<(), String> {
     ));
     status.publish_set(initial.version, config.backends.clone().unwrap_or_default());
     if let Some(listener) = admin_listener {
-        let admin_addr = listener.local_addr().map_err(|e| e.to_string());
-        let admin_addr = admin_addr
-            .and_then(|a| {
-                admin::spawn(listener, status.clone())
-                    .map(|_| a)
-                    .map_err(|e| e.to_string())
-            })
+        let admin_addr = listener
+            .local_addr()
+            .map_err(|e| e.to_string())
+            .inspect_err(|_| stop(&shards))?;
+        admin::spawn(listener, status.clone())
+            .map_err(|e| e.to_string())
             .inspect_err(|_| stop(&shards))?;
         info!("admin on {admin_addr}");
     }
