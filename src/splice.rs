@@ -166,8 +166,21 @@ pub async fn send_more(to: &mut TcpStream, mut bytes: &[u8]) -> io::Result<()> {
 #[allow(unsafe_code)]
 fn send_more_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
     let flags = libc::MSG_DONTWAIT | libc::MSG_MORE | libc::MSG_NOSIGNAL;
-    // SAFETY: sends from a live slice of the given length.
-    let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), flags) };
+    let no_addr = std::ptr::null::<libc::sockaddr>();
+    // The raw system call rather than glibc's send(), a pthread cancellation point (as
+    // `stream::recv_now`): this is also every closing connection's last send.
+    // SAFETY: sends from a live slice of the given length, to no address.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_sendto,
+            fd,
+            bytes.as_ptr(),
+            bytes.len(),
+            flags,
+            no_addr,
+            0,
+        )
+    };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
