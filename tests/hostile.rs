@@ -134,8 +134,10 @@ impl Slowloris {
             gauge,
             thread: Some(thread),
         };
+        // open_now, not opened: the test reads open_now next, and `opened` runs ahead of it
+        // while the driver is still in its opening loop.
         eventually("the slowloris connections to open", || {
-            s.gauge.opened.load(SeqCst) >= count
+            s.open_now() >= count
         });
         s
     }
@@ -218,6 +220,7 @@ fn slowloris_driver(
             }
         }
         end.most_open = end.most_open.max(open.len());
+        gauge.open_now.store(open.len(), SeqCst);
         // Each connection adds one byte about every 500 ms (every tenth 50 ms tick).
         let mut i = 0;
         while i < open.len() {
