@@ -16,6 +16,11 @@ use std::time::{Duration, Instant};
 /// Upper bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The resolver options every child balancer gets: a name lookup (of a `.invalid` host, say)
+/// gives up after one try of 1 s when a nameserver does not answer, instead of glibc's default
+/// 5 s times 2 attempts, which a test's deadline may not cover.
+const RES_OPTIONS: (&str, &str) = ("RES_OPTIONS", "timeout:1 attempts:1");
+
 /// A running balancer process with its log captured.
 pub struct Balancer {
     child: Child,
@@ -39,6 +44,7 @@ impl Balancer {
     pub fn try_start(env: &[(&str, &str)]) -> Result<Balancer, String> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_balancer"));
         cmd.env_clear()
+            .env(RES_OPTIONS.0, RES_OPTIONS.1)
             .env("HOST_PORT_HTTP_BALANCER", "0")
             .env("ADMIN_PORT", "0")
             .env("BALANCER_BIND", "127.0.0.1")
@@ -188,7 +194,10 @@ fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
 /// Runs the binary to completion (for configuration errors); (exit code, stdout, stderr).
 pub fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_balancer"));
-    cmd.env_clear().args(args).stdin(Stdio::null());
+    cmd.env_clear()
+        .env(RES_OPTIONS.0, RES_OPTIONS.1)
+        .args(args)
+        .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -398,7 +407,7 @@ pub enum Reply {
     Close,
     /// Wait, then answer.
     Delay(Duration, Box<Reply>),
-    /// Write the head, then stream `len` bytes of pattern(seed) in 64 KiB writes.
+    /// Generate `len` bytes of pattern(seed), write the head, then stream them in 64 KiB writes.
     Stream {
         head: Vec<u8>,
         len: usize,
@@ -575,8 +584,9 @@ fn serve_backend_conn(
             body_len: body.len(),
             body_hash: hash(&body),
         };
-        requests.fetch_add(1, SeqCst);
+        // `seen` first: a test that waits on `requests` then reads `seen` must find this one.
         seen.lock().unwrap().push(seen_now.clone());
+        requests.fetch_add(1, SeqCst);
         let mut reply = handler(&seen_now);
         loop {
             match reply {
@@ -605,10 +615,12 @@ fn serve_backend_conn(
                     seed,
                     chunked,
                 } => {
+                    // Generated before the head goes out, so that a slow generation (50 MiB
+                    // in a debug build) is not a stall in the middle of the response.
+                    let data = pattern(len, seed);
                     if writer.write_all(&head).is_err() {
                         return;
                     }
-                    let data = pattern(len, seed);
                     for piece in data.chunks(64 * 1024) {
                         let ok = if chunked {
                             writer
