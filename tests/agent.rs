@@ -10,7 +10,10 @@ mod common;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use common::{eventually, get, server_set, spread, Agent, AgentConn, Backend, Balancer, WAIT};
+use common::{
+    eventually, get, reuseport_listener, server_set, spread, Agent, AgentConn, Backend, Balancer,
+    HeldPort, WAIT,
+};
 use serde_json::{json, Value};
 
 /// The reconnect cap used by these tests, in the units of `AGENT_BACKOFF_MAX` and of the log.
@@ -102,11 +105,11 @@ fn assert_within(delay: u64, base: u64, max: u64, what: &str) {
     );
 }
 
-/// Binds `port` again once the previous listener on it is gone (bounded).
+/// Binds `port` again, beside the `HeldPort::shared` that kept it (bounded retries).
 fn rebind(port: u16) -> TcpListener {
     let deadline = Instant::now() + WAIT;
     loop {
-        match TcpListener::bind(("127.0.0.1", port)) {
+        match reuseport_listener(port) {
             Ok(listener) => return listener,
             Err(e) => {
                 assert!(
@@ -527,13 +530,9 @@ fn agent_host_may_be_a_name() {
 #[test]
 fn first_retry_is_after_about_100ms_when_the_agent_is_not_there() {
     let a = Backend::named("A");
-    // A port with nothing listening: bind, note, close.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let port = port.to_string();
+    // A port with nothing listening, held for the whole test so that nobody else takes it.
+    let dead = HeldPort::refusing();
+    let port = dead.port().to_string();
     let balancer = Balancer::start(&[
         ("HOST_PORT_WS_DEPLOYMENT_AGENT", &port),
         ("AGENT_BACKOFF_MAX", "30"),
@@ -651,6 +650,8 @@ fn agent_coming_back_is_reconnected_and_counted() {
     );
 
     let port = agent.port;
+    // Keeps the port while the agent is away (connects are refused), so nobody else takes it.
+    let hold = HeldPort::shared(port);
     conn.close();
     drop(agent);
     let delays = wait_retries(&balancer, 4);
@@ -667,6 +668,7 @@ fn agent_coming_back_is_reconnected_and_counted() {
     assert_eq!(who(&balancer), "B");
 
     let agent = Agent::on(rebind(port));
+    drop(hold);
     let mut conn = agent.accept();
     balancer.wait_log_count("connected to deployment agent", 2);
     eventually("the agent gauge to rise", || {

@@ -3,17 +3,11 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-
-/// An address on 127.0.0.1 where nothing listens: connecting is refused.
-fn refused_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a probe listener");
-    listener.local_addr().expect("probe address")
-}
 
 fn servers_doc(lb: &Balancer) -> serde_json::Value {
     let (status, body) = lb.admin_get("/servers");
@@ -220,8 +214,9 @@ fn servers_document_lists_every_server_with_its_state() {
 #[test]
 fn a_refused_server_is_reported_in_the_ejected_gauge() {
     let healthy = Backend::named("healthy");
-    let dead = refused_addr();
-    let lb = Balancer::serving(&[(healthy.addr, 1.0), (dead, 1.0)]);
+    // Held (bound, not listening) for the whole test: refused, and nobody else's meanwhile.
+    let dead = HeldPort::refusing();
+    let lb = Balancer::serving(&[(healthy.addr, 1.0), (dead.addr, 1.0)]);
     for i in 0..30 {
         let resp = get(lb.addr, &format!("/probe/{i}"));
         assert_eq!(

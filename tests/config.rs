@@ -244,10 +244,10 @@ fn the_listening_line_shows_the_real_port_when_zero_is_asked() {
 #[test]
 fn the_listening_line_shows_a_configured_port() {
     let a = Backend::named("a");
-    let port = {
-        let probe = TcpListener::bind("127.0.0.1:0").expect("find a free port");
-        probe.local_addr().unwrap().port()
-    };
+    // Held (with SO_REUSEPORT, which the balancer's listener sets too) until the balancer has
+    // bound it, so that nobody else takes the port in between.
+    let hold = HeldPort::shared(0);
+    let port = hold.port();
     let port_text = port.to_string();
     let lb = Balancer::start(&[
         ("HOST_PORT_HTTP_BALANCER", &port_text),

@@ -5,17 +5,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-
-/// An address on 127.0.0.1 where nothing listens: connecting is refused.
-fn refused_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a probe listener");
-    listener.local_addr().expect("probe address")
-}
 
 fn closing() -> Handler {
     Arc::new(|_| Reply::Close)
@@ -89,7 +83,9 @@ fn an_empty_server_set_answers_503_with_a_short_text_body() {
 
 #[test]
 fn every_backend_refusing_connections_answers_502() {
-    let lb = Balancer::serving(&[(refused_addr(), 1.0), (refused_addr(), 1.0)]);
+    // Held (bound, not listening) for the whole test: refused, and nobody else's meanwhile.
+    let (dead_a, dead_b) = (HeldPort::refusing(), HeldPort::refusing());
+    let lb = Balancer::serving(&[(dead_a.addr, 1.0), (dead_b.addr, 1.0)]);
     for i in 0..5 {
         let resp = get(lb.addr, &format!("/refused/{i}"));
         assert_eq!(resp.status, 502, "request {i}: {}", resp.text());

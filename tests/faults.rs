@@ -431,11 +431,11 @@ fn a_backend_killed_under_load_fails_only_requests_in_flight_on_it_and_none_hang
 // ---------------------------------------------------------------------------------------------
 // (b) The agent link dropped and restored every 200 ms
 
-/// Binds `port` again once the previous listener on it is gone (bounded retries).
+/// Binds `port` again, beside the `HeldPort::shared` that kept it (bounded retries).
 fn rebind(port: u16) -> TcpListener {
     let deadline = Instant::now() + WAIT;
     loop {
-        match TcpListener::bind(("127.0.0.1", port)) {
+        match reuseport_listener(port) {
             Ok(l) => return l,
             Err(e) => {
                 assert!(
@@ -486,9 +486,12 @@ fn a_flapping_agent_link_fails_no_request() {
             drop(conn);
         }
         if cycle % 3 == 2 {
+            // The port is held while the agent is away, so that nobody else takes it.
+            let hold = HeldPort::shared(port);
             drop(agent);
             std::thread::sleep(Duration::from_millis(200));
             agent = Agent::on(rebind(port));
+            drop(hold);
         }
         conn = agent.accept();
         let next = applied_version(&conn.push(&sets[(cycle + 1) % 2]));

@@ -196,10 +196,11 @@ fn enable_tcp_migrate_req() -> bool {
 fn seamless_restart_on_the_same_port_loses_no_request() {
     let migrate = enable_tcp_migrate_req();
     let backend = Backend::named("up");
-    let port = free_port().to_string();
-    let env = [("HOST_PORT_HTTP_BALANCER", port.as_str())];
-    let mut old = balancer_for(backend.addr, &env);
+    // The old process picks its own port; the new one binds the same port beside it.
+    let mut old = balancer_for(backend.addr, &[]);
     let addr = old.addr;
+    let port = addr.port().to_string();
+    let env = [("HOST_PORT_HTTP_BALANCER", port.as_str())];
 
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();

@@ -729,8 +729,10 @@ pub struct AgentConn {
 }
 
 impl Agent {
+    /// On a free port, with `SO_REUSEPORT`: a `HeldPort::shared` can keep the port while the
+    /// agent is away, and `reuseport_listener` bind it again.
     pub fn start() -> Agent {
-        Self::on(TcpListener::bind("127.0.0.1:0").expect("bind agent"))
+        Self::on(reuseport_listener(0).expect("bind agent"))
     }
 
     pub fn on(listener: TcpListener) -> Agent {
@@ -849,7 +851,7 @@ impl AgentConn {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Signals without waiting, fixed ports, raw backends, a WebSocket echo backend
+// Signals without waiting, held ports, raw backends, a WebSocket echo backend
 
 impl Balancer {
     /// Sends a signal and returns at once (the process keeps draining meanwhile).
@@ -860,10 +862,62 @@ impl Balancer {
     }
 }
 
-/// A TCP port that was free a moment ago on 127.0.0.1 (bound to port 0, then released).
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").port()
+/// A port on 127.0.0.1 held, for as long as this value lives, by a socket that is bound but
+/// not listening: a connection to `addr` is refused, and no other socket (another test's
+/// backend, a client's ephemeral port) takes the port meanwhile, as one could after binding
+/// port 0 and letting it go.
+pub struct HeldPort {
+    pub addr: SocketAddr,
+    _socket: socket2::Socket,
+}
+
+impl HeldPort {
+    /// Held alone: a dead address that refuses connections.
+    pub fn refusing() -> HeldPort {
+        Self::bind(0, false)
+    }
+
+    /// Held with `SO_REUSEPORT` (and without `SO_REUSEADDR`), so that only listeners that set
+    /// `SO_REUSEPORT` too, the balancer's and `reuseport_listener`'s, can bind the port beside
+    /// it. `port` 0 picks a free one.
+    pub fn shared(port: u16) -> HeldPort {
+        Self::bind(port, true)
+    }
+
+    fn bind(port: u16, reuse_port: bool) -> HeldPort {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a TCP socket");
+        socket.set_reuse_port(reuse_port).expect("SO_REUSEPORT");
+        let want = SocketAddr::from(([127, 0, 0, 1], port));
+        socket
+            .bind(&want.into())
+            .unwrap_or_else(|e| panic!("hold port {port} on 127.0.0.1: {e}"));
+        let addr = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .expect("the held address");
+        HeldPort {
+            addr,
+            _socket: socket,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+/// A listener on 127.0.0.1:`port` with `SO_REUSEPORT`, so that it can bind a port a
+/// `HeldPort::shared` holds.
+pub fn reuseport_listener(port: u16) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
 }
 
 /// Reads one request head (method, target, headers) as a backend would; None on EOF or error.
