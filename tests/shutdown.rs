@@ -13,15 +13,24 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// How long the slow backend holds each request.
-const SLOW: Duration = Duration::from_secs(2);
+/// How long the slow backend holds each `/slow` request when a test checks something while it
+/// is in flight: long enough that, on a slow machine, those checks are done well before it ends.
+const SLOW: Duration = Duration::from_secs(5);
+/// How long it holds it when nothing is checked meanwhile.
+const SHORT: Duration = Duration::from_secs(2);
 /// Bound on a drain plus exit once in-flight work is done (the drain itself is capped at 30 s).
 const EXIT_LIMIT: Duration = Duration::from_secs(20);
 
-/// A backend that answers `slow` after `SLOW`.
-fn slow_backend() -> Backend {
-    Backend::start(Arc::new(|_seen: &Seen| {
-        Reply::Delay(SLOW, Box::new(Reply::Bytes(ok(b"slow"))))
+/// A backend that answers `/slow` with `slow` after `hold`, and any other path at once (a
+/// probe that reaches it before the listener closes then gets a quick answer, and is not
+/// mistaken for the in-flight request).
+fn slow_backend(hold: Duration) -> Backend {
+    Backend::start(Arc::new(move |seen: &Seen| {
+        if seen.target == "/slow" {
+            Reply::Delay(hold, Box::new(Reply::Bytes(ok(b"slow"))))
+        } else {
+            Reply::Bytes(ok(b"quick"))
+        }
     }))
 }
 
@@ -68,7 +77,7 @@ fn new_connection_refused(addr: SocketAddr) -> bool {
 
 #[test]
 fn in_flight_request_completes_after_sigterm_and_the_process_exits_0() {
-    let backend = slow_backend();
+    let backend = slow_backend(SHORT);
     let mut balancer = balancer_for(backend.addr, &[]);
     let slow = in_flight_request(&balancer, &backend);
     balancer.signal("TERM");
@@ -85,11 +94,11 @@ fn in_flight_request_completes_after_sigterm_and_the_process_exits_0() {
 
 #[test]
 fn new_connections_are_refused_while_a_request_drains() {
-    let backend = slow_backend();
+    let backend = slow_backend(SLOW);
     let mut balancer = balancer_for(backend.addr, &[]);
     let slow = in_flight_request(&balancer, &backend);
     balancer.signal("TERM");
-    balancer.wait_log("received SIGTERM");
+    balancer.wait_log("stops accepting");
     eventually("new connections to be refused", || {
         new_connection_refused(balancer.addr)
     });
@@ -103,7 +112,7 @@ fn new_connections_are_refused_while_a_request_drains() {
 
 #[test]
 fn healthz_answers_503_while_draining() {
-    let backend = slow_backend();
+    let backend = slow_backend(SLOW);
     let mut balancer = balancer_for(backend.addr, &[]);
     assert_eq!(balancer.admin_get("/healthz").0, 200);
     let slow = in_flight_request(&balancer, &backend);
@@ -271,15 +280,19 @@ fn connection_opened_before_sigterm_gets_its_first_request_served() {
     // connection shows the accept loop has run since).
     assert_eq!(get(balancer.addr, "/probe").status, 200);
     balancer.signal("TERM");
-    balancer.wait_log("received SIGTERM");
-    eventually("/healthz to report draining", || {
-        balancer.admin_get("/healthz").0 == 503
-    });
+    // The first request's grace (2 s) runs from the shard's shutdown: write it at once, and
+    // only then check that the balancer was draining when it went out.
+    balancer.wait_log("stops accepting");
     let mut writer = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
     writer
         .write_all(b"GET /late HTTP/1.1\r\nHost: test\r\n\r\n")
         .unwrap();
+    assert_eq!(
+        balancer.admin_get("/healthz").0,
+        503,
+        "the request went out while draining"
+    );
     let resp =
         read_response(&mut reader, false).expect("the first request is answered, not dropped");
     assert_eq!(resp.status, 200);
