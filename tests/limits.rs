@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 
-/// Bound on the timeout tests' waits: the timeouts are 1 s.
+/// Bound on the timeout tests' waits: the timeouts are 1 s or 2 s.
 const TIMEOUT_WAIT: Duration = Duration::from_secs(5);
 
 /// A backend that answers every request with its request-target as the body.
@@ -272,34 +272,36 @@ fn delaying() -> Handler {
 fn a_backend_wait_outlives_the_deadline_of_the_request_before_it_on_the_same_connection() {
     let backend = Backend::start(delaying());
     let set = server_set(&[(backend.addr, 1.0)]);
-    let balancer = Balancer::start(&[("BACKENDS", set.as_str()), ("REQUEST_TIMEOUT", "1")]);
+    // 2 s rather than 1 s: each margin below is then 0.6 s or more, for slow CI machines.
+    let balancer = Balancer::start(&[("BACKENDS", set.as_str()), ("REQUEST_TIMEOUT", "2")]);
     let (mut writer, mut reader) = open(&balancer);
-    // Arms the pooled backend connection's read timer for about now + 1 s.
+    // Arms the pooled backend connection's read timer for about now + 2 s.
     assert_eq!(get_on(&mut writer, &mut reader, "/fast").status, 200);
-    std::thread::sleep(Duration::from_millis(500));
-    // Waits from ~0.5 s to ~1.2 s: the first timer fires at ~1 s, inside this wait's own 1 s.
-    let resp = get_on(&mut writer, &mut reader, "/delay/700");
+    std::thread::sleep(Duration::from_millis(1000));
+    // Waits from ~1 s to ~2.4 s: the first timer fires at ~2 s, inside this wait's own 2 s.
+    let resp = get_on(&mut writer, &mut reader, "/delay/1400");
     assert_eq!(resp.status, 200, "{}", resp.text());
-    assert_eq!(resp.text(), "/delay/700");
+    assert_eq!(resp.text(), "/delay/1400");
     assert_eq!(
         backend.accepts(),
         1,
         "both requests used one pooled connection"
     );
     // And the timeout still holds once the timer has been re-armed.
-    let resp = get_on(&mut writer, &mut reader, "/delay/2500");
+    let resp = get_on(&mut writer, &mut reader, "/delay/5000");
     assert_eq!(resp.status, 504, "{}", resp.text());
 }
 
 #[test]
 fn an_idle_wait_outlives_the_deadline_of_the_idle_wait_before_it() {
-    let (_backend, balancer) = proxy(&[("CLIENT_IDLE_TIMEOUT", "1")]);
+    // 2 s with 1.3 s pauses: 0.7 s of slack each way, for slow CI machines.
+    let (_backend, balancer) = proxy(&[("CLIENT_IDLE_TIMEOUT", "2")]);
     let (mut writer, mut reader) = open(&balancer);
     assert_eq!(get_on(&mut writer, &mut reader, "/first").status, 200);
     // Each pause is inside the idle timeout but the two together are not: a timer armed for
     // the first pause fires during the second, which must not close the connection.
     for target in ["/second", "/third"] {
-        std::thread::sleep(Duration::from_millis(700));
+        std::thread::sleep(Duration::from_millis(1300));
         let resp = get_on(&mut writer, &mut reader, target);
         assert_eq!(resp.status, 200, "{target}: {}", resp.text());
         assert_eq!(resp.text(), target);
