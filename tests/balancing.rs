@@ -133,9 +133,14 @@ fn a_stopped_backend_is_ejected_and_no_client_sees_an_error() {
         "the stopped backend served nothing more"
     );
 
+    // A request each time: an ejection ends after 5 s, and only a failed request in the
+    // probation that follows ejects the server again, so a slow check must keep traffic going.
     eventually(
         "/servers to show the refused server ejected on the one shard",
-        || server_entry(&servers_doc(&lb), doomed.addr)["ejected_shards"].as_u64() == Some(1),
+        || {
+            let _ = get(lb.addr, "/poke");
+            server_entry(&servers_doc(&lb), doomed.addr)["ejected_shards"].as_u64() == Some(1)
+        },
     );
     let doc = servers_doc(&lb);
     assert_eq!(
@@ -225,8 +230,13 @@ fn a_refused_server_is_reported_in_the_ejected_gauge() {
         );
         assert_eq!(resp.text(), "healthy");
     }
+    // A request each time: an ejection ends after 5 s, and only a failed request in the
+    // probation that follows ejects the server again, so a slow check must keep traffic going.
     eventually(
         "balancer_ejected_servers to count the refused server",
-        || lb.metric("balancer_ejected_servers") == Some(1.0),
+        || {
+            let _ = get(lb.addr, "/poke");
+            lb.metric("balancer_ejected_servers") == Some(1.0)
+        },
     );
 }

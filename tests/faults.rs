@@ -409,7 +409,10 @@ fn a_backend_killed_under_load_fails_only_requests_in_flight_on_it_and_none_hang
         summary.describe()
     );
 
+    // A request each time: an ejection ends after 5 s, and only a failed request in the
+    // probation that follows ejects the server again, so a slow check must keep traffic going.
     eventually("the killed backend to be ejected on some shard", || {
+        let _ = get(lb.addr, "/poke");
         ejected_shards(&lb, c.addr).unwrap_or(0) >= 1
     });
     for i in 0..30 {
