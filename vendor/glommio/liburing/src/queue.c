@@ -37,7 +37,11 @@ static inline bool sq_ring_needs_enter(struct io_uring *ring, unsigned *flags)
 
 static inline bool cq_ring_needs_flush(struct io_uring *ring)
 {
-	return IO_URING_READ_ONCE(*ring->sq.kflags) & IORING_SQ_CQ_OVERFLOW;
+	/* balancer patch: IORING_SQ_TASKRUN (1U << 2): a ring set up with
+	 * IORING_SETUP_DEFER_TASKRUN posts completions only when the kernel is
+	 * entered, and raises this flag when it has some to post. */
+	return IO_URING_READ_ONCE(*ring->sq.kflags) &
+		(IORING_SQ_CQ_OVERFLOW | (1U << 2));
 }
 
 static int __io_uring_peek_cqe(struct io_uring *ring,

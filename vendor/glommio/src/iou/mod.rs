@@ -155,6 +155,19 @@ impl IoUring {
             .or_else(|_| Self::setup(entries, flags.bits(), features))
     }
 
+    /// balancer patch: a ring whose completions are posted only when its thread enters the
+    /// kernel for them (IORING_SETUP_DEFER_TASKRUN, Linux 6.1+), falling back to
+    /// `new_with_flags`. See `SleepableRing::new` for why the main ring is set up so.
+    pub fn new_deferred(entries: u32) -> io::Result<IoUring> {
+        const IORING_SETUP_TASKRUN_FLAG: u32 = 1 << 9;
+        const IORING_SETUP_SINGLE_ISSUER: u32 = 1 << 12;
+        const IORING_SETUP_DEFER_TASKRUN: u32 = 1 << 13;
+        let deferred =
+            IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+        Self::setup(entries, deferred, 0)
+            .or_else(|_| Self::new_with_flags(entries, SetupFlags::empty(), SetupFeatures::empty()))
+    }
+
     fn setup(entries: u32, flags: u32, features: u32) -> io::Result<IoUring> {
         unsafe {
             let mut params: uring_sys::io_uring_params = mem::zeroed();

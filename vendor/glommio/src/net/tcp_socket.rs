@@ -10,6 +10,7 @@ use crate::{
         yolo_accept,
     },
     reactor::Reactor,
+    sys::Source,
     GlommioError,
 };
 use futures_lite::{
@@ -21,6 +22,7 @@ use nix::sys::socket::SockaddrStorage;
 use pin_project_lite::pin_project;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::{
+    cell::RefCell,
     io,
     net::{self, Shutdown, SocketAddr, ToSocketAddrs},
     os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, RawFd},
@@ -77,6 +79,8 @@ pub struct TcpListener {
     listener: net::TcpListener,
     /// balancer patch: the descriptor was handed over already non-blocking.
     nonblocking: bool,
+    /// balancer patch: a multishot read poll of a non-blocking listener (see `shared_accept`).
+    ready: RefCell<Option<Source>>,
 }
 
 impl FromRawFd for TcpListener {
@@ -92,6 +96,7 @@ impl FromRawFd for TcpListener {
             reactor: Rc::downgrade(&crate::executor().reactor()),
             listener,
             nonblocking,
+            ready: RefCell::new(None),
         }
     }
 }
@@ -139,6 +144,7 @@ impl TcpListener {
             reactor: Rc::downgrade(&crate::executor().reactor()),
             listener,
             nonblocking: false,
+            ready: RefCell::new(None),
         })
     }
 
@@ -187,7 +193,7 @@ impl TcpListener {
                         })
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        reactor.poll_read_ready(raw_fd).collect_rw().await?;
+                        self.wait_readable(&reactor, raw_fd).await?;
                     }
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                     Err(err) => return Err(GlommioError::IoError(err)),
@@ -208,6 +214,40 @@ impl TcpListener {
             fd: fd as RawFd,
             peer: None,
         })
+    }
+
+    /// balancer patch: waits until the (non-blocking) listener may have a connection queued.
+    /// One multishot poll stays armed across waits (a one-shot poll cost a POLL_ADD each time
+    /// the queue ran empty); every connection queued after it was armed completes it again,
+    /// so one queued after the accept that failed with EAGAIN cannot be missed. A completion
+    /// from before that accept only costs another accept that fails.
+    async fn wait_readable(&self, reactor: &Reactor, fd: RawFd) -> Result<()> {
+        let armed = self.ready.borrow().as_ref().is_some_and(Source::is_armed);
+        if !armed {
+            *self.ready.borrow_mut() = Some(reactor.poll_read_multishot(fd));
+        }
+        let result = poll_fn(|cx| {
+            let ready = self.ready.borrow();
+            let Some(source) = ready.as_ref() else {
+                return Poll::Ready(Ok(0));
+            };
+            match source.take_result() {
+                Some(result) => Poll::Ready(result),
+                None if !source.is_armed() => Poll::Ready(Ok(0)),
+                None => {
+                    source.add_waiter_single(cx.waker());
+                    Poll::Pending
+                }
+            }
+        })
+        .await;
+        if result.is_err() {
+            // The multishot poll itself failed (a kernel without it, say): wait once with a
+            // one-shot poll instead, which reports a real error on the listener.
+            *self.ready.borrow_mut() = None;
+            reactor.poll_read_ready(fd).collect_rw().await?;
+        }
+        Ok(())
     }
 
     /// Accepts a new incoming TCP connection in this executor

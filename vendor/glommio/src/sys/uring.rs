@@ -932,8 +932,21 @@ impl SleepableRing {
         source_map: Rc<RefCell<SourceMap>>,
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
+        // balancer patch: the main ring (sockets, timers of streams) defers its completions'
+        // task work until the shard asks for completions (IORING_SETUP_DEFER_TASKRUN): with
+        // COOP_TASKRUN alone the kernel flags the thread and runs the work on the way out of
+        // whatever system call comes next (a recv or send: get_signal, task_work_run), one
+        // batch per call. Deferred, it runs in one batch per executor turn, when the ring's
+        // TASKRUN flag makes the completion peek enter the kernel. The latency ring stays as
+        // it was: the main ring polls its descriptor to end a sleep, and a deferred ring would
+        // post nothing (so wake nobody) until entered.
+        let ring = if name == "main" {
+            iou::IoUring::new_deferred(size as _)?
+        } else {
+            iou::IoUring::new(size as _)?
+        };
         Ok(SleepableRing {
-            ring: iou::IoUring::new(size as _)?,
+            ring,
             size,
             submission_queue: UringQueueState::with_capacity(size * 4),
             name,
@@ -1030,12 +1043,25 @@ impl SleepableRing {
         }
     }
 
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
+    /// Sleeps until a completion arrives on this ring, arming `link` first (a multishot poll
+    /// of the latency ring, so that its completions end the sleep too) unless it is armed
+    /// already.
+    fn sleep(&mut self, link: &Source, arm_link: bool) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
             0,
             "sleeping with pending SQEs"
         );
+        if !arm_link {
+            // balancer patch: the link stays armed across sleeps, so sleeping is one
+            // io_uring_enter that submits nothing and waits.
+            self.ring
+                .submit_sqes_and_wait(1)
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok)?;
+            return Ok(1);
+        }
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
             let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
             let op = UringDescriptor {
@@ -1046,7 +1072,7 @@ impl SleepableRing {
                         .borrow_mut()
                         .add_source(link, self.submission_queue.clone()),
                 ),
-                args: UringOpDescriptor::PollAdd(common_flags() | read_flags()),
+                args: UringOpDescriptor::PollAddMulti(common_flags() | read_flags()),
             };
             fill_sqe(
                 &mut sqe,
@@ -1216,6 +1242,9 @@ pub(crate) struct Reactor {
     timer_ended_sleep: Cell<bool>,
 
     link_fd: RawFd,
+    /// balancer patch: the main ring's multishot poll of the latency ring (see
+    /// `link_rings_and_sleep`).
+    link_rings: RefCell<Option<Source>>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1348,6 +1377,7 @@ impl Reactor {
             timer_ended_sleep: Cell::new(false),
             blocking_thread,
             link_fd,
+            link_rings: RefCell::new(None),
             notifier,
             eventfd_src,
             source_map,
@@ -1725,15 +1755,25 @@ impl Reactor {
     ///
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
+    /// balancer patch: glommio armed a one-shot poll of the latency ring's descriptor on the
+    /// main ring each time it slept (a POLL_ADD per sleep, and the polls of sleeps that other
+    /// completions ended stayed armed until the latency ring's next completion fired them
+    /// all). One multishot poll now stays armed for the reactor's life; it is re-armed only
+    /// if the kernel ends it.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
-        let link_rings = Source::new(
-            IoRequirements::default(),
-            self.link_fd,
-            SourceType::LinkRings,
-            None,
-            None,
-        );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        let mut slot = self.link_rings.borrow_mut();
+        let arm = !slot.as_ref().is_some_and(Source::is_armed);
+        if arm {
+            *slot = Some(Source::new(
+                IoRequirements::default(),
+                self.link_fd,
+                SourceType::LinkRings,
+                None,
+                None,
+            ));
+        }
+        let link = slot.as_ref().expect("the link source was just set");
+        ring.sleep(link, arm).or_else(Self::busy_ok).map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
