@@ -122,9 +122,11 @@ async fn read_head(
                 Ok(false) => {}
                 Err(e) => return HeadRead::Failed(e),
             }
-            let deadline =
-                *deadline.get_or_insert_with(|| Instant::now() + config.client_header_timeout);
-            let left = deadline.saturating_duration_since(Instant::now());
+            // Deadlines go by the executor's turn clock (one clock read per turn, not several
+            // per request); it lags by at most one turn, which a timeout in seconds absorbs.
+            let now = glommio::timer::now();
+            let deadline = *deadline.get_or_insert(now + config.client_header_timeout);
+            let left = deadline.saturating_duration_since(now);
             if left.is_zero() {
                 return HeadRead::Failed(RequestTimeout.into());
             }
@@ -373,7 +375,7 @@ fn record(shard: &Shard, pick: &Pick, outcome: Outcome) {
     let changed = shard
         .balancer
         .borrow_mut()
-        .record(pick, outcome, Instant::now());
+        .record(pick, outcome, glommio::timer::now());
     if changed {
         shard.refresh_ejected();
     }
@@ -472,7 +474,10 @@ impl Exchange<'_> {
 
     fn release(&self, upstream: Upstream, relayed: Relayed) -> Relayed {
         if relayed.reusable {
-            self.shard.pool.borrow_mut().put(upstream, Instant::now());
+            self.shard
+                .pool
+                .borrow_mut()
+                .put(upstream, glommio::timer::now());
         }
         relayed
     }

@@ -68,7 +68,7 @@ async fn read_response_head(
                 Err(e) => return Err(upstream_failure(ErrorKind::BadResponse, upstream, e)),
             }
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(glommio::timer::now());
         if left.is_zero() {
             return Err(upstream_failure(
                 ErrorKind::Timeout,
@@ -120,7 +120,7 @@ pub async fn await_continue(
     upstream: &mut Upstream,
     wait: Duration,
 ) -> Result<Continue, Failure> {
-    let deadline = Instant::now() + wait;
+    let deadline = glommio::timer::now() + wait;
     let mut resp = ResponseHead::default();
     loop {
         match read_response_head(upstream, ex.head.is_head, &mut resp, deadline).await {
@@ -222,7 +222,7 @@ pub async fn relay_response(
 ) -> Result<Relayed, Failure> {
     let shard = ex.shard;
     let head = ex.head;
-    let deadline = Instant::now() + timeout;
+    let deadline = glommio::timer::now() + timeout;
     let mut resp = ResponseHead::default();
     loop {
         read_response_head(upstream, head.is_head, &mut resp, deadline).await?;

@@ -601,6 +601,34 @@ mod tests {
         assert!(poll(&mut signal.wait(), &waker).is_ready());
     }
 
+    /// Deadlines are computed from glommio's turn clock (`glommio::timer::now`), so it must
+    /// move on across every wait and never run ahead of the real clock, and a thread whose
+    /// executor is gone must not keep its last reading.
+    #[test]
+    fn the_turn_clock_follows_the_real_clock_and_is_dropped_with_the_executor() {
+        let nap = Duration::from_millis(30);
+        std::thread::spawn(move || {
+            let executor = LocalExecutorBuilder::new(Placement::Unbound)
+                .io_memory(IO_MEMORY)
+                .make()
+                .expect("an executor for the test");
+            executor.run(async move {
+                let before = glommio::timer::now();
+                assert!(before <= Instant::now());
+                glommio::timer::sleep(nap).await;
+                let after = glommio::timer::now();
+                assert!(after >= before + nap, "read again after the sleep");
+                assert!(after <= Instant::now());
+            });
+            drop(executor);
+            let first = glommio::timer::now();
+            std::thread::sleep(nap);
+            assert!(glommio::timer::now() >= first + nap, "the real clock again");
+        })
+        .join()
+        .expect("the turn clock holds its promises");
+    }
+
     #[test]
     fn dropped_waiters_free_their_slot_for_the_next_one() {
         let signal = Signal::default();

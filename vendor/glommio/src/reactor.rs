@@ -89,6 +89,13 @@ struct Timers {
     timers: BTreeMap<(Instant, u64), Waker>,
 }
 
+impl Drop for Timers {
+    /// balancer patch: a thread whose executor is gone reads the real clock again.
+    fn drop(&mut self) {
+        crate::timer::set_turn_clock(None);
+    }
+}
+
 impl Timers {
     fn new() -> Timers {
         Timers {
@@ -123,6 +130,7 @@ impl Timers {
     /// ready and woke timers.
     fn process_timers(&mut self) -> (Option<Duration>, usize) {
         let now = Instant::now();
+        crate::timer::set_turn_clock(Some(now));
 
         // balancer patch: expired timers are popped from the front instead of splitting the
         // map, which rebuilt the pending part (allocating and moving nodes) on every executor

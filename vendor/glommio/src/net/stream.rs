@@ -206,7 +206,9 @@ impl Timeout {
         let started = match self.waiting_since.get() {
             Some(started) => started,
             None => {
-                let now = Instant::now();
+                // The executor's turn clock: a timer that fired has a deadline before it,
+                // which is what `still_armed` relies on.
+                let now = crate::timer::now();
                 self.waiting_since.set(Some(now));
                 now
             }

@@ -6,8 +6,32 @@
 //! glommio::timer is a module that provides timing related primitives.
 mod timer_impl;
 
-use std::{future::Future, time::Duration};
+use std::{
+    cell::Cell,
+    future::Future,
+    time::{Duration, Instant},
+};
 pub use timer_impl::{Timer, TimerActionOnce, TimerActionRepeat};
+
+thread_local! {
+    /// balancer patch: see `now`.
+    static TURN_CLOCK: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// balancer patch: the time at which this thread's executor last looked for expired timers
+/// (once per turn of its loop, and again after each sleep), or `Instant::now()` on a thread
+/// with no executor. Reading the clock costs tens of nanoseconds in a VM, and a proxy reads
+/// it several times per request for deadlines; this reading is at most one executor turn
+/// old, so a deadline computed from it is early by at most that much. Every timer that
+/// expires before this instant has fired, and none that expires later has (timers fire
+/// against the same reading).
+pub fn now() -> Instant {
+    TURN_CLOCK.with(Cell::get).unwrap_or_else(Instant::now)
+}
+
+pub(crate) fn set_turn_clock(now: Option<Instant>) {
+    TURN_CLOCK.with(|clock| clock.set(now));
+}
 
 type Result<T> = crate::Result<T, ()>;
 
