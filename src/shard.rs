@@ -453,6 +453,11 @@ async fn run(
         spawn_connection(&shard, stream, peer);
     }
     drop(listener);
+    // The listener's readiness poll (io_uring) holds the socket open until the reactor has
+    // cancelled it, which takes a turn of the executor loop; a shard with nothing to drain
+    // would otherwise exit first and leave the socket listening, taking connections it never
+    // accepts, until the kernel tears the ring down after the process is gone.
+    glommio::timer::sleep(Duration::from_millis(1)).await;
     drain(&shard).await;
 }
 
