@@ -138,6 +138,23 @@ fn sigint_on_an_idle_balancer_exits_0() {
     );
 }
 
+/// Once the process has exited, nothing may still listen on its port: a listening socket kept
+/// alive by the io_uring ring after exit (it used to linger ~10 ms) takes connections into a
+/// queue nobody accepts from, and a restart on the same port would lose them.
+#[test]
+fn the_port_stops_listening_by_the_time_the_process_exits() {
+    let backend = Backend::named("idle");
+    for _ in 0..3 {
+        let mut balancer = balancer_for(backend.addr, &[("BALANCER_CPUS", "0,1")]);
+        assert_eq!(get(balancer.addr, "/").status, 200);
+        assert_eq!(balancer.signal_and_wait("TERM", WAIT), Some(0));
+        assert!(
+            TcpStream::connect_timeout(&balancer.addr, Duration::from_secs(2)).is_err(),
+            "a connection was taken after the balancer exited"
+        );
+    }
+}
+
 #[test]
 fn idle_keep_alive_connections_are_closed_on_shutdown() {
     let backend = Backend::named("kept");
