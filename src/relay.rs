@@ -387,18 +387,18 @@ async fn stream_body(
             let mut remaining = n;
             loop {
                 let take = (upstream.conn.pending().len() as u64).min(remaining) as usize;
-                let chunk = &upstream.conn.pending()[..take];
-                collect(chunk);
-                staged.extend_from_slice(chunk);
-                upstream.conn.consume(take);
                 remaining -= take as u64;
                 if may_splice && remaining >= SPLICE_MIN {
                     if let Some(end) =
-                        splice_rest(client, upstream, &mut staged, remaining, shard).await
+                        splice_rest(client, upstream, &mut staged, take, remaining, shard).await
                     {
                         break end;
                     }
                 }
+                let chunk = &upstream.conn.pending()[..take];
+                collect(chunk);
+                staged.extend_from_slice(chunk);
+                upstream.conn.consume(take);
                 let topped = top_up(upstream, &mut staged, remaining, &mut collect);
                 remaining -= topped.read;
                 let sent = if remaining == 0 {
@@ -493,23 +493,31 @@ async fn stream_body(
     }
 }
 
-/// Sends `staged` (the head and the body bytes already read) and splices the `remaining` body
-/// bytes from the backend's socket to the client's (see `splice`). `None` when no pipe or
-/// non-blocking socket can be had: the caller copies instead, with nothing sent yet.
+/// Sends `staged` (the head, and any body bytes gathered before) followed by the first
+/// `already_read` bytes of the backend connection's buffer (body bytes read with the head),
+/// and splices the `remaining` body bytes from the backend's socket to the client's (see
+/// `splice`). `None` when no pipe or non-blocking socket can be had: the caller copies
+/// instead, with nothing sent or consumed yet.
 async fn splice_rest(
     client: &mut Conn,
     upstream: &mut Upstream,
     staged: &mut Vec<u8>,
+    already_read: usize,
     remaining: u64,
     shard: &Shard,
 ) -> Option<Result<BodyEnd, ()>> {
     client.make_spliceable().ok()?;
     upstream.conn.make_spliceable().ok()?;
     let mut pipe = shard.pipes.take()?;
-    if splice::send_more(&mut client.stream, staged).await.is_err() {
+    let read_body = &upstream.conn.pending()[..already_read];
+    if splice::send_more_gathered(&mut client.stream, staged, read_body)
+        .await
+        .is_err()
+    {
         return Some(Err(()));
     }
     staged.clear();
+    upstream.conn.consume(already_read);
     let end = splice::splice_exact(
         &mut upstream.conn.stream,
         &mut client.stream,

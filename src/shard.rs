@@ -33,7 +33,7 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Memory glommio registers with io_uring per shard. It serves file DMA, which the balancer
 /// does not do (sockets read into our own buffers), so the 64 KiB minimum keeps every shard
 /// far below the default 8 MiB memlock limit.
-const IO_MEMORY: usize = 64 * 1024;
+pub(crate) const IO_MEMORY: usize = 64 * 1024;
 /// Cap of the cache GC task's sleep: expired entries are gone within this period.
 const CACHE_GC_INTERVAL: Duration = Duration::from_secs(5);
 /// How often each shard recomputes its selection table (ends ejections) and sweeps its pool.
