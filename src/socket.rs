@@ -153,35 +153,19 @@ impl AgentLink {
             if self.status.shutting_down.load(Relaxed) {
                 return AgentError::ShuttingDown;
             }
-            match ws.read() {
-                Ok(message) => {
-                    last_heard = Instant::now();
-                    pinged = false;
-                    let reply = match message {
-                        Message::Text(text) => Some(self.on_snapshot(text.as_str(), delivered)),
-                        Message::Binary(_) => {
-                            Some(self.reject(&Rejection::BinaryFrame.to_string()))
-                        }
-                        Message::Close(_) => return AgentError::Closed,
-                        // Pings are answered by tungstenite itself (flushed below).
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
-                    };
-                    if let Err(e) = answer(ws, reply) {
-                        return AgentError::Protocol(e);
-                    }
-                }
+            let reply = match ws.read() {
+                Ok(Message::Text(text)) => Some(self.on_snapshot(text.as_str(), delivered)),
+                Ok(Message::Binary(_)) => Some(self.reject(&Rejection::BinaryFrame.to_string())),
+                Ok(Message::Close(_)) => return AgentError::Closed,
+                // Pings are answered by tungstenite itself (flushed below).
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => None,
                 // A text message that is not UTF-8 is a message that is not JSON: rejected like
                 // any other (SPEC §4), when tungstenite has consumed all of it and its
                 // connection stays usable (RFC 6455 would have it failed; the SPEC keeps it).
                 Err(tungstenite::Error::Utf8(detail))
                     if utf8_error_left_connection_usable(&detail) =>
                 {
-                    last_heard = Instant::now();
-                    pinged = false;
-                    let reply = self.reject(&Rejection::NotUtf8.to_string());
-                    if let Err(e) = answer(ws, Some(reply)) {
-                        return AgentError::Protocol(e);
-                    }
+                    Some(self.reject(&Rejection::NotUtf8.to_string()))
                 }
                 Err(tungstenite::Error::Io(e))
                     if matches!(
@@ -199,10 +183,16 @@ impl AgentLink {
                             return AgentError::Protocol(e);
                         }
                     }
+                    continue;
                 }
                 Err(tungstenite::Error::ConnectionClosed)
                 | Err(tungstenite::Error::AlreadyClosed) => return AgentError::Closed,
                 Err(e) => return AgentError::Protocol(e),
+            };
+            last_heard = Instant::now();
+            pinged = false;
+            if let Err(e) = answer(ws, reply) {
+                return AgentError::Protocol(e);
             }
         }
     }
