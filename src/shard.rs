@@ -634,6 +634,34 @@ mod tests {
         .expect("the turn clock holds its promises");
     }
 
+    /// The kernel raises IORING_SQ_TASKRUN just after queueing task work, so the work can run
+    /// (and the flag be cleared) in between, leaving the flag raised with nothing behind it
+    /// until more task work comes. liburing's completion peek entered the kernel until the
+    /// flag cleared, so a shard spun there for good once traffic stopped (seen in a load
+    /// test: CPU at 100 %, no request answered). With the flag raised by hand, the executor
+    /// must still get through its turns; a watchdog bounds the wait.
+    #[test]
+    fn a_stale_task_run_flag_does_not_stall_the_executor() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let executor = LocalExecutorBuilder::new(Placement::Unbound)
+                .io_memory(IO_MEMORY)
+                .make()
+                .expect("an executor for the test");
+            executor.run(async move {
+                for _ in 0..3 {
+                    glommio::testing::raise_stale_task_run_flag();
+                    glommio::timer::sleep(Duration::from_millis(2)).await;
+                    glommio::executor().yield_now().await;
+                }
+            });
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the executor finished its turns instead of spinning in the peek");
+    }
+
     #[test]
     fn dropped_waiters_free_their_slot_for_the_next_one() {
         let signal = Signal::default();

@@ -26,6 +26,13 @@ fn main() {
 
     let src = liburing.join("src");
 
+    // balancer patch: the C sources carry patches too, so a change to them must rebuild;
+    // without these lines cargo did not rerun this script when only a C file changed.
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed={}", src.display());
+    println!("cargo:rerun-if-changed={}", project.join("rusturing.c").display());
+    println!("cargo:rerun-if-env-changed=GLOMMIO_LIBURING_DIR");
+
     // liburing
     Build::new()
         .file(src.join("setup.c"))

@@ -440,6 +440,17 @@ mod shares;
 pub mod sync;
 pub mod timer;
 
+/// balancer patch: hooks for the balancer's regression tests of the patches; not an API.
+#[doc(hidden)]
+pub mod testing {
+    /// Raises IORING_SQ_TASKRUN on the main ring of this thread's executor with no task work
+    /// behind it (a state the kernel can leave: see liburing's `_io_uring_get_cqe`).
+    /// Panics outside an executor.
+    pub fn raise_stale_task_run_flag() {
+        crate::executor().reactor().sys.raise_stale_task_run_flag();
+    }
+}
+
 use crate::reactor::Reactor;
 pub use crate::{
     byte_slice_ext::{ByteSliceExt, ByteSliceMutExt},

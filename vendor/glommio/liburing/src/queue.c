@@ -93,6 +93,8 @@ static int _io_uring_get_cqe(struct io_uring *ring, struct io_uring_cqe **cqe_pt
 			     struct get_data *data)
 {
 	struct io_uring_cqe *cqe = NULL;
+	/* balancer patch: whether the kernel was entered to flush already. */
+	bool flushed = false;
 	int err;
 
 	do {
@@ -106,7 +108,14 @@ static int _io_uring_get_cqe(struct io_uring *ring, struct io_uring_cqe **cqe_pt
 		if (err)
 			break;
 		if (!cqe && !data->wait_nr && !data->submit) {
-			if (!cq_ring_needs_flush(ring)) {
+			/* balancer patch: enter at most once, as later liburing does.
+			 * IORING_SQ_TASKRUN can stay raised with no task work
+			 * pending (the kernel raises it just after queueing the
+			 * work, so a run of the work can come in between); the
+			 * kernel clears it only when it runs task work, so looping
+			 * until it is clear spun here forever, and the shard with
+			 * it. */
+			if (flushed || !cq_ring_needs_flush(ring)) {
 				err = -EAGAIN;
 				break;
 			}
@@ -134,6 +143,7 @@ static int _io_uring_get_cqe(struct io_uring *ring, struct io_uring_cqe **cqe_pt
 		data->submit -= ret;
 		if (cqe)
 			break;
+		flushed = flushed || cq_overflow_flush;
 	} while (1);
 
 	*cqe_ptr = cqe;

@@ -1228,6 +1228,21 @@ impl UringCommon for SleepableRing {
     }
 }
 
+impl Reactor {
+    /// balancer patch, for tests: raises IORING_SQ_TASKRUN on the main ring with no task
+    /// work behind it, the state the kernel leaves when it raises the flag just after task
+    /// work it queued has already run (see liburing's `_io_uring_get_cqe`).
+    pub(crate) fn raise_stale_task_run_flag(&self) {
+        const IORING_SQ_TASKRUN: u32 = 1 << 2;
+        let ring = self.main_ring.borrow();
+        let flags = ring.ring.raw().sq.kflags;
+        // SAFETY: `kflags` points into the ring's shared SQ mapping, alive as long as the
+        // ring; the kernel updates the word atomically, so it is updated atomically here.
+        let flags = unsafe { &*(flags as *const std::sync::atomic::AtomicU32) };
+        flags.fetch_or(IORING_SQ_TASKRUN, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
     main_ring: RefCell<SleepableRing>,
