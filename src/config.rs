@@ -26,6 +26,11 @@ const MAX_CPU: usize = 8191;
 /// and small enough that `Instant + duration` can never overflow and panic at runtime.
 const MAX_SECONDS: u64 = 365 * 24 * 60 * 60;
 
+/// Shortest silence tolerated from a backend in the middle of a response body: as long as
+/// NGINX's `proxy_read_timeout` default, so streams with pauses (long polls, reports built as
+/// they are sent) get through with a short `REQUEST_TIMEOUT`.
+pub const BODY_IDLE_TIMEOUT_FLOOR: Duration = Duration::from_secs(60);
+
 /// Where the deployment agent's WebSocket is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentEndpoint {
@@ -307,6 +312,14 @@ impl Config {
             }
         }
         draft.finish()
+    }
+
+    /// How long a backend may stay silent in the middle of a response body, once its head
+    /// has arrived. `REQUEST_TIMEOUT` bounds only the wait for the head (SPEC §3); a body may
+    /// take as long as it needs, but a backend that stops sending altogether must not hold
+    /// the client and the connection forever.
+    pub fn body_idle_timeout(&self) -> Duration {
+        self.request_timeout.max(BODY_IDLE_TIMEOUT_FLOOR)
     }
 
     /// Reads the process environment; CPUs default to those in this process's affinity mask,
@@ -707,13 +720,14 @@ mod tests {
         assert_eq!(c.bind, IpAddr::from([0, 0, 0, 0]));
         assert_eq!(c.agent, None);
         assert_eq!(c.target_port, 80);
-        let set = c.backends.expect("BACKENDS was set");
+        let set = c.backends.as_ref().expect("BACKENDS was set");
         assert_eq!(set.servers.len(), 1);
         assert_eq!(set.servers[0].port, 80);
         assert_eq!(c.cache_capacity, 1024);
         assert_eq!(c.cache_ttl, secs(60.0));
         assert_eq!(c.cache_max_object_bytes, 1_048_576);
         assert_eq!(c.request_timeout, secs(30.0));
+        assert_eq!(c.body_idle_timeout(), BODY_IDLE_TIMEOUT_FLOOR);
         assert_eq!(c.client_header_timeout, secs(10.0));
         assert_eq!(c.client_idle_timeout, secs(60.0));
         assert_eq!(c.agent_backoff_max, secs(30.0));
@@ -754,7 +768,12 @@ mod tests {
             ("CACHE_MAX_OBJECT_BYTES", "4096", |c| {
                 c.cache_max_object_bytes == 4096
             }),
-            ("REQUEST_TIMEOUT", "0.5", |c| c.request_timeout == secs(0.5)),
+            ("REQUEST_TIMEOUT", "0.5", |c| {
+                c.request_timeout == secs(0.5) && c.body_idle_timeout() == secs(60.0)
+            }),
+            ("REQUEST_TIMEOUT", "300", |c| {
+                c.body_idle_timeout() == secs(300.0)
+            }),
             ("CLIENT_HEADER_TIMEOUT", "3", |c| {
                 c.client_header_timeout == secs(3.0)
             }),

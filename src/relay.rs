@@ -377,7 +377,7 @@ async fn stream_body(
 
     upstream
         .conn
-        .set_read_timeout(Some(shard.config.request_timeout));
+        .set_read_timeout(Some(shard.config.body_idle_timeout()));
     match framing {
         ResponseFraming::None => send_last(client, &mut staged, closing)
             .await

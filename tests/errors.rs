@@ -112,6 +112,36 @@ fn a_backend_that_never_answers_gets_504_after_the_request_timeout() {
     assert_eq!(slow.requests(), 1);
 }
 
+/// `REQUEST_TIMEOUT` bounds the wait for the response head (SPEC §3), not the body: a body
+/// that trickles in with pauses longer than it, after a prompt head, arrives whole.
+#[test]
+fn a_body_slower_than_the_request_timeout_is_relayed_whole_after_a_prompt_head() {
+    let pause = Duration::from_millis(1300);
+    let trickling = Backend::start(Arc::new(move |_| {
+        Reply::Paced(vec![
+            (
+                Duration::ZERO,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nfir".to_vec(),
+            ),
+            (pause, b"st,".to_vec()),
+            (pause, b"end".to_vec()),
+        ])
+    }));
+    let lb = Balancer::start(&[
+        ("BACKENDS", &server_set(&[(trickling.addr, 1.0)])),
+        ("REQUEST_TIMEOUT", "1"),
+    ]);
+    let resp = get(lb.addr, "/trickle");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), "first,end");
+    assert_eq!(trickling.requests(), 1, "no retry");
+    let timeouts = format!(
+        "balancer_backend_errors_total{{backend=\"{}\",kind=\"timeout\"}}",
+        trickling.addr
+    );
+    assert_eq!(lb.metric(&timeouts).unwrap_or(0.0), 0.0, "{timeouts}");
+}
+
 #[test]
 fn a_get_the_backend_closes_without_answering_is_retried_on_another_server() {
     let closer = Backend::start(closing());

@@ -408,6 +408,9 @@ pub enum Reply {
     Close,
     /// Wait, then answer.
     Delay(Duration, Box<Reply>),
+    /// Write each piece after its pause (a response that trickles in), then keep the
+    /// connection open for more requests.
+    Paced(Vec<(Duration, Vec<u8>)>),
     /// Generate `len` bytes of pattern(seed), write the head, then stream them in 64 KiB writes.
     Stream {
         head: Vec<u8>,
@@ -598,6 +601,19 @@ fn serve_backend_conn(
                 Reply::Bytes(b) => {
                     if writer.write_all(&b).is_err() {
                         return;
+                    }
+                    break;
+                }
+                Reply::Paced(pieces) => {
+                    for (pause, piece) in pieces {
+                        std::thread::sleep(pause);
+                        if writer
+                            .write_all(&piece)
+                            .and_then(|_| writer.flush())
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
                     break;
                 }
