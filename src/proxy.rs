@@ -339,11 +339,13 @@ async fn handle_request(
                 }
                 record(shard, &pick, Outcome::Failure);
                 // A failed connect sent nothing, so anything may go elsewhere; a reset after
-                // sending only idempotent requests without a body.
+                // sending only idempotent requests without a body, and only before any
+                // response byte (a backend that began answering may have acted on it).
                 let retry = attempts <= MAX_RETRIES
                     && match error.kind {
                         ErrorKind::Connect | ErrorKind::Reset => {
-                            !error.request_sent || (head.idempotent && has_no_body(head))
+                            !error.request_sent
+                                || (head.idempotent && has_no_body(head) && !error.response_started)
                         }
                         ErrorKind::Timeout | ErrorKind::BadResponse => false,
                     };

@@ -476,7 +476,16 @@ fn posts_on_connections_the_backend_closed_while_pooled_never_fail() {
 /// whose likely first pick closes without answering, until one request reaches it; returns that
 /// request's status and whether the other server saw it too.
 fn outcome_after_a_close(method: &str, body: Option<&str>) -> Option<(u16, bool)> {
-    let closer = Backend::start(closing());
+    outcome_after_a_failure(closing(), method, body)
+}
+
+/// [`outcome_after_a_close`] with a likely first pick that fails as `failing` does.
+fn outcome_after_a_failure(
+    failing: Handler,
+    method: &str,
+    body: Option<&str>,
+) -> Option<(u16, bool)> {
+    let closer = Backend::start(failing);
     let good = Backend::start(Arc::new(|seen: &Seen| {
         if seen.method == "HEAD" {
             Reply::Bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n".to_vec())
@@ -532,6 +541,18 @@ fn idempotent_requests_without_a_body_are_retried_after_a_close() {
             ("PUT", None),
         ],
         (200, true),
+    );
+}
+
+/// SPEC §6 allows a retry only "before any response byte": a backend that started its head
+/// and then closed may have acted on the request, so even a GET is not replayed.
+#[test]
+fn a_get_the_backend_closes_on_after_part_of_the_head_is_not_retried() {
+    let partial_head =
+        Arc::new(|_: &Seen| Reply::BytesThenClose(b"HTTP/1.1 200 OK\r\nContent-Le".to_vec()));
+    assert_eq!(
+        outcome_after_a_failure(partial_head, "GET", None),
+        Some((502, false))
     );
 }
 
