@@ -12,7 +12,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use crate::queue::{parse_snapshot, ServerSet};
+use crate::queue::{is_host_name, parse_snapshot, ServerSet};
 use WhenUnset::{Describe, Parse};
 
 /// Longest excerpt of a bad value quoted in an error message; BACKENDS can be huge.
@@ -514,23 +514,6 @@ fn host(v: &str) -> Result<String, String> {
     Err("expected an IP address or a host name".to_owned())
 }
 
-/// Dot-separated labels of letters, digits, `-` and `_` (container names use `_`), with an
-/// optional trailing dot.
-fn is_host_name(v: &str) -> bool {
-    let name = v.strip_suffix('.').unwrap_or(v);
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-}
-
 /// A request path for the WebSocket handshake: starts with `/`, and has no whitespace or
 /// control characters, which would corrupt the request line.
 fn request_path(v: &str) -> Result<String, String> {
@@ -836,6 +819,11 @@ mod tests {
                 "expected a port number 1-65535",
             ),
             ("DEPLOYMENT_AGENT_HOST", "agent:7000", "the port goes in"),
+            (
+                "DEPLOYMENT_AGENT_HOST",
+                "10.0.0.256",
+                "expected an IP address or a host name",
+            ),
             ("DEPLOYMENT_AGENT_HOST", "ws://agent", "the port goes in"),
             (
                 "DEPLOYMENT_AGENT_HOST",
@@ -1027,14 +1015,17 @@ mod tests {
     fn agent_alone_is_a_backend_source() {
         let c = parse(&[
             ("HOST_PORT_WS_DEPLOYMENT_AGENT", "7000"),
-            ("DEPLOYMENT_AGENT_HOST", "agent.local"),
+            ("DEPLOYMENT_AGENT_HOST", "deploy_agent.local"),
             ("DEPLOYMENT_AGENT_PATH", "/v1/servers"),
         ])
         .expect("valid");
         assert_eq!(c.backends, None);
         let agent = c.agent.expect("agent set");
-        assert_eq!((agent.host.as_str(), agent.port), ("agent.local", 7000));
-        assert_eq!(agent.url(), "ws://agent.local:7000/v1/servers");
+        assert_eq!(
+            (agent.host.as_str(), agent.port),
+            ("deploy_agent.local", 7000)
+        );
+        assert_eq!(agent.url(), "ws://deploy_agent.local:7000/v1/servers");
     }
 
     #[test]

@@ -265,14 +265,15 @@ fn normalize_host(host: &str) -> Option<String> {
     if let Ok(ip) = host.parse::<Ipv6Addr>() {
         return Some(ip.to_string());
     }
-    is_dns_name(host).then(|| host.to_owned())
+    is_host_name(host).then(|| host.to_owned())
 }
 
-/// RFC 1123 host name: dot-separated labels of 1-63 letters, digits and hyphens, not starting
-/// or ending with a hyphen, at most 253 characters without the optional trailing dot.
-/// A name whose last label is all digits is refused: it is a malformed IPv4 address
-/// (`10.0.0.256`, `010.0.0.1`) that a resolver might read in surprising ways.
-fn is_dns_name(host: &str) -> bool {
+/// A host name as resolvers take it: dot-separated labels of 1-63 letters, digits, hyphens
+/// and underscores (RFC 1123 plus `_`, which container and service names use and resolvers
+/// accept), not starting or ending with a hyphen, at most 253 characters without the optional
+/// trailing dot. A name whose last label is all digits is refused: it is a malformed IPv4
+/// address (`10.0.0.256`, `010.0.0.1`) that a resolver might read in surprising ways.
+pub fn is_host_name(host: &str) -> bool {
     let name = host.strip_suffix('.').unwrap_or(host);
     if name.is_empty() || name.len() > 253 {
         return false;
@@ -281,7 +282,7 @@ fn is_dns_name(host: &str) -> bool {
         (1..=63).contains(&label.len())
             && label
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && !label.starts_with('-')
             && !label.ends_with('-')
     };
@@ -381,6 +382,14 @@ mod tests {
                 ],
             ),
             (
+                "container names with underscores",
+                r#"[{"host":"app_web_1","score":1},{"host":"_srv.a_b.example","score":1}]"#,
+                vec![
+                    entry("app_web_1", 80, 1.0),
+                    entry("_srv.a_b.example", 80, 1.0),
+                ],
+            ),
+            (
                 "score zero, integer, exponent; port bounds",
                 r#"[{"host":"10.0.0.1","port":1,"score":0},{"host":"10.0.0.2","port":65535,"score":1e3},{"host":"10.0.0.3","score":-0.0}]"#,
                 vec![
@@ -414,7 +423,6 @@ mod tests {
             ("null host", r#"[{"host":null,"score":1}]"#, "entry 0: field host: value null: must be a string"),
             ("host with port", r#"[{"host":"10.0.0.1:80","score":1}]"#, "entry 0: field host: value \"10.0.0.1:80\": must be an ip address or a dns name"),
             ("host with space", r#"[{"host":"a b","score":1}]"#, "entry 0: field host: value \"a b\": must be an ip address or a dns name"),
-            ("host with underscore", r#"[{"host":"a_b.example","score":1}]"#, "entry 0: field host: value \"a_b.example\": must be an ip address or a dns name"),
             ("label starts with hyphen", r#"[{"host":"-a.example","score":1}]"#, "entry 0: field host: value \"-a.example\": must be an ip address or a dns name"),
             ("label ends with hyphen", r#"[{"host":"a-.example","score":1}]"#, "entry 0: field host: value \"a-.example\": must be an ip address or a dns name"),
             ("empty label", r#"[{"host":"a..example","score":1}]"#, "entry 0: field host: value \"a..example\": must be an ip address or a dns name"),
