@@ -606,6 +606,14 @@ mod tests {
         assert!(poll(&mut signal.wait(), &waker).is_ready());
     }
 
+    /// An executor as a shard builds one, on whatever CPU the test thread runs.
+    fn unpinned_executor() -> glommio::LocalExecutor {
+        LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(IO_MEMORY)
+            .make()
+            .expect("an executor for the test")
+    }
+
     /// Deadlines are computed from glommio's turn clock (`glommio::timer::now`), so it must
     /// move on across every wait and never run ahead of the real clock, and a thread whose
     /// executor is gone must not keep its last reading.
@@ -613,10 +621,7 @@ mod tests {
     fn the_turn_clock_follows_the_real_clock_and_is_dropped_with_the_executor() {
         let nap = Duration::from_millis(30);
         std::thread::spawn(move || {
-            let executor = LocalExecutorBuilder::new(Placement::Unbound)
-                .io_memory(IO_MEMORY)
-                .make()
-                .expect("an executor for the test");
+            let executor = unpinned_executor();
             executor.run(async move {
                 let before = glommio::timer::now();
                 assert!(before <= Instant::now());
@@ -644,10 +649,7 @@ mod tests {
     fn a_stale_task_run_flag_does_not_stall_the_executor() {
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let executor = LocalExecutorBuilder::new(Placement::Unbound)
-                .io_memory(IO_MEMORY)
-                .make()
-                .expect("an executor for the test");
+            let executor = unpinned_executor();
             executor.run(async move {
                 for _ in 0..3 {
                     glommio::testing::raise_stale_task_run_flag();
