@@ -29,7 +29,7 @@ const MAX_SECONDS: u64 = 365 * 24 * 60 * 60;
 /// Shortest silence tolerated from a backend in the middle of a response body: as long as
 /// NGINX's `proxy_read_timeout` default, so streams with pauses (long polls, reports built as
 /// they are sent) get through with a short `REQUEST_TIMEOUT`.
-pub const BODY_IDLE_TIMEOUT_FLOOR: Duration = Duration::from_secs(60);
+const BODY_IDLE_TIMEOUT_FLOOR: Duration = Duration::from_secs(60);
 
 /// Where the deployment agent's WebSocket is.
 #[derive(Debug, Clone, PartialEq)]

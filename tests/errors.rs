@@ -485,7 +485,7 @@ fn outcome_after_a_failure(
     method: &str,
     body: Option<&str>,
 ) -> Option<(u16, bool)> {
-    let closer = Backend::start(failing);
+    let failing_backend = Backend::start(failing);
     let good = Backend::start(Arc::new(|seen: &Seen| {
         if seen.method == "HEAD" {
             Reply::Bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n".to_vec())
@@ -493,8 +493,8 @@ fn outcome_after_a_failure(
             Reply::Bytes(ok(b"good"))
         }
     }));
-    // The closing server is picked first almost always (and is ejected only after 3 failures).
-    let lb = Balancer::serving(&[(closer.addr, 9.0), (good.addr, 1.0)]);
+    // The failing server is picked first almost always (and is ejected only after 3 failures).
+    let lb = Balancer::serving(&[(failing_backend.addr, 9.0), (good.addr, 1.0)]);
     let framing = body.map_or(String::new(), |b| {
         format!("Content-Length: {}\r\n", b.len())
     });
@@ -507,7 +507,7 @@ fn outcome_after_a_failure(
                 body.unwrap_or("")
             ),
         );
-        if targets(&closer).contains_key(&target) {
+        if targets(&failing_backend).contains_key(&target) {
             return Some((resp.status, targets(&good).contains_key(&target)));
         }
     }

@@ -607,11 +607,7 @@ fn serve_backend_conn(
                 Reply::Paced(pieces) => {
                     for (pause, piece) in pieces {
                         std::thread::sleep(pause);
-                        if writer
-                            .write_all(&piece)
-                            .and_then(|_| writer.flush())
-                            .is_err()
-                        {
+                        if writer.write_all(&piece).is_err() {
                             return;
                         }
                     }
