@@ -230,7 +230,7 @@ impl Fields {
         let mut f = Fields::default();
         for h in headers {
             let value = &buf[h.value.clone()];
-            match Field::of(&buf[h.name.clone()]) {
+            match h.field {
                 Field::ContentLength => {
                     for item in value.split(|&b| b == b',').map(trim) {
                         let n = parse_length(item).ok_or_else(|| fail("invalid content-length"))?;
@@ -379,6 +379,7 @@ fn fill_headers(buf: &[u8], parsed: &[httparse::Header<'_>], out: &mut Vec<Heade
     out.extend(parsed.iter().map(|h| HeaderRange {
         name: range_of(buf, h.name.as_bytes()),
         value: range_of(buf, h.value),
+        field: Field::of(h.name.as_bytes()),
     }));
 }
 

@@ -1,6 +1,7 @@
 //! Head writing: the request sent to a backend, the response sent to a client, and the balancer's own small responses.
 
 use std::net::IpAddr;
+use std::ops::Range;
 
 use super::{
     list, Field, HeaderRange, RequestFraming, RequestHead, ResponseFraming, ResponseHead,
@@ -22,12 +23,54 @@ fn connection_tokens<'a>(
 ) -> impl Iterator<Item = &'a [u8]> {
     headers
         .iter()
-        .filter(|h| Field::of(&buf[h.name.clone()]) == Field::Connection)
+        .filter(|h| h.field == Field::Connection)
         .flat_map(move |h| list(&buf[h.value.clone()]))
 }
 
 fn named_by_connection(headers: &[HeaderRange], buf: &[u8], name: &[u8]) -> bool {
     connection_tokens(headers, buf).any(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// Appends field lines the proxy forwards unchanged, copying runs of them at once: lines that
+/// ended in CRLF sit back to back in the received buffer, so a run of them is one copy where
+/// `put_header` per line would be four. A line goes out as received from its name to the end
+/// of its value (httparse has checked the colon and whitespace between), then CRLF, so a bare
+/// LF line ending or trailing whitespace is not passed on.
+#[derive(Default)]
+struct VerbatimLines {
+    run: Option<Range<usize>>,
+}
+
+impl VerbatimLines {
+    fn push(&mut self, out: &mut Vec<u8>, buf: &[u8], h: &HeaderRange) {
+        // An empty value's range need not point into its line (httparse may hand out a
+        // static ""), so that line ends at the colon.
+        let end = if h.value.is_empty() {
+            h.name.end + 1
+        } else {
+            h.value.end
+        };
+        if buf.get(h.name.end) != Some(&b':') || end <= h.name.end {
+            // Not a line as httparse checks them; written field by field, as before runs.
+            self.flush(out, buf);
+            put_header(out, &buf[h.name.clone()], &buf[h.value.clone()]);
+            return;
+        }
+        match &mut self.run {
+            Some(run) if buf.get(run.end..h.name.start) == Some(b"\r\n") => run.end = end,
+            _ => {
+                self.flush(out, buf);
+                self.run = Some(h.name.start..end);
+            }
+        }
+    }
+
+    fn flush(&mut self, out: &mut Vec<u8>, buf: &[u8]) {
+        if let Some(run) = self.run.take() {
+            out.extend_from_slice(&buf[run]);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -82,9 +125,10 @@ pub fn write_forward_request(head: &RequestHead, buf: &[u8], client_ip: IpAddr, 
 
     let check_named = names_extra_fields(&head.headers, buf);
     let mut has_xff = false;
+    let mut lines = VerbatimLines::default();
     for h in &head.headers {
         let name = &buf[h.name.clone()];
-        match Field::of(name) {
+        match h.field {
             // An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1).
             Field::Expect if head.version == Version::Http10 => continue,
             // An empty line adds no coding; a backend that reads only the last
@@ -100,8 +144,9 @@ pub fn write_forward_request(head: &RequestHead, buf: &[u8], client_ip: IpAddr, 
             _ if check_named && named_by_connection(&head.headers, buf, name) => continue,
             _ => {}
         }
-        put_header(out, name, &buf[h.value.clone()]);
+        lines.push(out, buf, h);
     }
+    lines.flush(out, buf);
     if let RequestFraming::Length(n) = head.framing {
         out.extend_from_slice(b"Content-Length: ");
         put_u64(out, n);
@@ -115,7 +160,7 @@ pub fn write_forward_request(head: &RequestHead, buf: &[u8], client_ip: IpAddr, 
         let existing = head
             .headers
             .iter()
-            .filter(|h| Field::of(&buf[h.name.clone()]) == Field::XForwardedFor)
+            .filter(|h| h.field == Field::XForwardedFor)
             .flat_map(|h| list(&buf[h.value.clone()]));
         for value in existing {
             out.extend_from_slice(value);
@@ -171,10 +216,11 @@ pub fn write_response_head(
         && head
             .headers
             .iter()
-            .any(|h| Field::of(&buf[h.name.clone()]) == Field::TransferEncoding);
+            .any(|h| h.field == Field::TransferEncoding);
+    let mut lines = VerbatimLines::default();
     for h in &head.headers {
         let name = &buf[h.name.clone()];
-        match Field::of(name) {
+        match h.field {
             Field::ContentLength if head.framing != ResponseFraming::None || has_te => continue,
             Field::ContentLength => {}
             Field::TransferEncoding if opts.dechunk => continue,
@@ -185,8 +231,9 @@ pub fn write_response_head(
             _ if check_named && named_by_connection(&head.headers, buf, name) => continue,
             _ => {}
         }
-        put_header(out, name, &buf[h.value.clone()]);
+        lines.push(out, buf, h);
     }
+    lines.flush(out, buf);
     if let ResponseFraming::Length(n) = head.framing {
         out.extend_from_slice(b"Content-Length: ");
         put_u64(out, n);
@@ -612,6 +659,7 @@ mod tests {
             "POST http://h:8/p HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n",
             "PUT / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
             "GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nA: 1\r\nB:2\r\nC: \r\nKeep-Alive: 1\r\nD: d d\r\n\r\n",
         ];
         let alphabet = b" :\r\n\t,;/?*0123456789abcdefXHTP-\0\x7f\xff";
         let mut rng = fastrand::Rng::with_seed(7);
@@ -645,8 +693,35 @@ mod tests {
             assert_eq!(again.host_for_key(&out), head.host_for_key(&raw));
             assert_eq!(again.websocket_upgrade, head.websocket_upgrade);
             assert_eq!(again.head_len, out.len());
+            assert_fields_kept(&raw, &head.headers, &out, &again.headers);
         }
         assert!(accepted > 1000, "only {accepted} mutants accepted");
+    }
+
+    /// The end-to-end fields of a written head are received ones, name and value unchanged and
+    /// in their order, and every line of it ends in CRLF.
+    fn assert_fields_kept(raw: &[u8], from: &[HeaderRange], out: &[u8], written: &[HeaderRange]) {
+        let others = |buf: &[u8], headers: &[HeaderRange]| {
+            headers
+                .iter()
+                .filter(|h| h.field == Field::Other)
+                .map(|h| (buf[h.name.clone()].to_vec(), buf[h.value.clone()].to_vec()))
+                .collect::<Vec<_>>()
+        };
+        let received = others(raw, from);
+        let mut unmatched = received.iter();
+        for field in others(out, written) {
+            assert!(
+                unmatched.any(|r| *r == field),
+                "{field:?} not received in this order: {:?}",
+                String::from_utf8_lossy(out)
+            );
+        }
+        let bare_lf = out
+            .iter()
+            .enumerate()
+            .any(|(i, &b)| b == b'\n' && (i == 0 || out[i - 1] != b'\r'));
+        assert!(!bare_lf, "{:?}", String::from_utf8_lossy(out));
     }
 
     /// The same for responses: whatever is accepted is written as a head that parses again
@@ -658,6 +733,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
             "HTTP/1.0 304 Not Modified\r\nKeep-Alive: 5\r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nServer: s\r\nDate: d\r\nContent-Length: 1\r\nE: \"e\"\r\nX: \r\nY:y\r\n\r\n",
         ];
         let alphabet = b" :\r\n\t,;0123456789abcdefXHTP-\0\x7f\xff";
         let mut rng = fastrand::Rng::with_seed(9);
@@ -683,7 +759,23 @@ mod tests {
             assert_eq!(reparsed, Ok(true), "{:?}", String::from_utf8_lossy(&out));
             assert_eq!((again.status, again.framing), (head.status, head.framing));
             assert_eq!(again.head_len, out.len());
+            assert_fields_kept(&raw, &head.headers, &out, &again.headers);
         }
         assert!(accepted > 1000, "only {accepted} mutants accepted");
+    }
+
+    #[test]
+    fn forwarded_field_lines_keep_their_bytes_and_end_in_crlf() {
+        let raw = "GET / HTTP/1.1\r\nHost: h\r\nX-A:1\r\nX-B: \t spaced \t \r\nX-Empty:\r\n\
+                   X-Blank:   \r\nConnection: close\r\nX-C: c\nX-D: d\r\nX-E: e\r\n\r\n";
+        let expected = "GET / HTTP/1.1\r\nHost: h\r\nX-A:1\r\nX-B: \t spaced\r\nX-Empty:\r\n\
+                        X-Blank:\r\nX-C: c\r\nX-D: d\r\nX-E: e\r\n\
+                        X-Forwarded-For: 10.1.2.3\r\nX-Forwarded-Proto: http\r\n\r\n";
+        assert_eq!(forward(raw), expected);
+        let raw = "HTTP/1.1 200 OK\nServer: s\nDate: d\r\nContent-Length: 2\r\nX-Empty:\r\n\
+                   Keep-Alive: 5\r\nETag: \"e\"\r\nX-B:b\r\n\r\n";
+        let expected = "HTTP/1.1 200 OK\r\nServer: s\r\nDate: d\r\nX-Empty:\r\nETag: \"e\"\r\n\
+                        X-B:b\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(respond(raw, &KEEP), expected);
     }
 }
