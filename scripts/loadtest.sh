@@ -39,6 +39,11 @@ usage: scripts/loadtest.sh [options]
   --build              run `cargo build --release --bins` first (default: only if the binary is missing)
   --balancer-bin PATH  balancer binary (default target/release/balancer)
   --keep-tmp           keep the temporary directory (configs, logs, wrk outputs)
+  --instructions       instead of the CPU runs: the balancer alone (1 shard) under valgrind's
+                       callgrind, one run per scenario (--warmup, then --duration; 2 s and 5 s
+                       are plenty), printing its user-space instructions per request. Those do
+                       not move with the machine's noise, so a change of 1 % shows; kernel work
+                       is not counted. Needs valgrind (apt-get install valgrind).
   -h, --help           this text
 
 Scenarios: small = GET / (small body, keep-alive); big = GET /big64k (65,536-byte body, no-store);
@@ -70,7 +75,7 @@ log() { echo "loadtest: $*" >&2; }
 REPS=3 DURATION=5 WARMUP=1 CONNS=64 MAX_NOISE=10 PROXY_CPU=0 LOAD_CPU=1 PORT=8080
 ORIGIN_PORT1=9001 ORIGIN_PORT2=9002
 SCENARIOS=small,big,close,css PROXIES=balancer,haproxy,nginx
-OUT= BUILD=0 KEEP_TMP=0 BALANCER_BIN=
+OUT= BUILD=0 KEEP_TMP=0 BALANCER_BIN= INSTRUCTIONS=0
 while (($#)); do
     case $1 in
         --reps) REPS=${2:?--reps needs a value}; shift 2 ;;
@@ -88,6 +93,7 @@ while (($#)); do
         --build) BUILD=1; shift ;;
         --balancer-bin) BALANCER_BIN=${2:?--balancer-bin needs a value}; shift 2 ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
+        --instructions) INSTRUCTIONS=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown option: $1" ;;
     esac
@@ -121,6 +127,7 @@ done
 ((${#PROXY_LIST[@]})) || die "no proxy given"
 WITH_BALANCER=0
 [[ " ${PROXY_LIST[*]} " == *" balancer "* ]] && WITH_BALANCER=1
+((INSTRUCTIONS)) && PROXY_LIST=(balancer) WITH_BALANCER=1
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -149,6 +156,10 @@ if ((${#need[@]})); then
         die "apt-get install ${pkgs[*]} failed"
 fi
 NGINX=$(command -v nginx) HAPROXY=$(command -v haproxy)
+if ((INSTRUCTIONS)); then
+    command -v valgrind >/dev/null 2>&1 && command -v callgrind_control >/dev/null 2>&1 ||
+        die "--instructions needs valgrind: apt-get install -y valgrind"
+fi
 
 allowed=$(taskset -cp $$ | sed 's/.*: //')
 cpu_allowed() { # CPU in a taskset list like 0,2-3
@@ -491,11 +502,12 @@ BACKENDS_JSON="[{\"host\":\"127.0.0.1\",\"port\":$ORIGIN_PORT1,\"score\":1},{\"h
 # Starts the balancer on CPU list $1 (its shards) with log $2; waits for "listening on" and sets
 # ADMIN_ADDR from "admin on". Returns 1 if it did not come up within 15 s.
 ADMIN_ADDR=
+BALANCER_WRAP=()   # a command the balancer runs under (valgrind for --instructions)
 start_balancer() {
     local cpus=$1 logf=$2 i
     BACKENDS=$BACKENDS_JSON HOST_PORT_HTTP_BALANCER=$PORT BALANCER_BIND=127.0.0.1 \
         BALANCER_CPUS=$cpus ADMIN_PORT=0 CACHE_CAPACITY=10000 RUST_LOG=warn,balancer=info \
-        start_bg "$cpus" "$logf" "$BALANCER_BIN"
+        start_bg "$cpus" "$logf" "${BALANCER_WRAP[@]}" "$BALANCER_BIN"
     ADMIN_ADDR=
     for ((i = 0; i < 300; i++)); do
         alive "$STARTED_PID" || return 1
@@ -835,8 +847,13 @@ summary() {
 }
 
 # ------------------------------------------------------------------ run
-say "# loadtest $(date -u +%Y-%m-%dT%H:%M:%SZ) reps=$REPS duration=${DURATION}s warmup=${WARMUP}s conns=$CONNS" \
-    "scenarios=$SCENARIOS proxies=$PROXIES proxy_cpu=$PROXY_CPU load_cpu=$LOAD_CPU"
+if ((INSTRUCTIONS)); then
+    say "# loadtest --instructions $(date -u +%Y-%m-%dT%H:%M:%SZ) duration=${DURATION}s" \
+        "warmup=${WARMUP}s conns=$CONNS scenarios=$SCENARIOS proxy_cpu=$PROXY_CPU load_cpu=$LOAD_CPU"
+else
+    say "# loadtest $(date -u +%Y-%m-%dT%H:%M:%SZ) reps=$REPS duration=${DURATION}s warmup=${WARMUP}s" \
+        "conns=$CONNS scenarios=$SCENARIOS proxies=$PROXIES proxy_cpu=$PROXY_CPU load_cpu=$LOAD_CPU"
+fi
 say "# $(uname -sr); $(nproc) CPUs ($(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo));" \
     "loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
 say "# $("$HAPROXY" -v | head -n1 | cut -d' ' -f1-3); $("$NGINX" -v 2>&1 | sed 's/.*: //'); $(wrk --version 2>&1 | head -n1 | cut -d' ' -f1-2)" \
@@ -865,6 +882,38 @@ for s in "${SCEN_LIST[@]}"; do
         [[ $res == "200 ${SC_LEN[$s]}" ]] || die "origin 127.0.0.1:$p answered '$res' to ${SC_PATH[$s]} (want 200 ${SC_LEN[$s]})"
     done
 done
+
+# --instructions: one callgrind run per scenario. The counters are zeroed after the warm-up and
+# dumped after the measured run, so start-up and shutdown are not in the count.
+if ((INSTRUCTIONS)); then
+    for s in "${SCEN_LIST[@]}"; do
+        BALANCER_WRAP=(valgrind --tool=callgrind --compress-strings=no
+            "--callgrind-out-file=$TMP/callgrind.$s.%p")
+        logf=$TMP/balancer-callgrind-$s.log
+        start_balancer "$PROXY_CPU" "$logf" || {
+            tail -n 20 "$logf" >&2 || true
+            die "the balancer did not start under valgrind"
+        }
+        pid=$STARTED_PID
+        sanity "$s" || die "balancer, $s: $SANITY_ERR"
+        run_wrk "$WARMUP" "$s" "$TMP/callgrind-$s.warmup" || die "balancer, $s: warm-up wrk failed"
+        callgrind_control -z "$pid" >/dev/null 2>&1 || die "callgrind_control -z $pid failed"
+        run_wrk "$DURATION" "$s" "$TMP/callgrind-$s.wrk" || die "balancer, $s: wrk failed"
+        callgrind_control -d "$pid" >/dev/null 2>&1 || die "callgrind_control -d $pid failed"
+        # Counted and dumped: a drain under valgrind would only take time.
+        kill -KILL -- "-$pid" 2>/dev/null || true
+        stop_pid "$pid"
+        read -r _ _ _ req err non2xx <<<"$(parse_wrk "$TMP/callgrind-$s.wrk")"
+        ((req > 0 && err == 0 && non2xx == 0)) ||
+            die "balancer, $s: $req requests, $err socket errors, $non2xx non-2xx"
+        dump=$TMP/callgrind.$s.$pid.1
+        ir=$(awk '$1=="totals:"{print $2; exit}' "$dump" 2>/dev/null)
+        [[ -n $ir ]] || die "no callgrind totals in $dump"
+        say "instructions: scenario=$s conns=$CONNS requests=$req user_instructions=$ir" \
+            "user_instructions_per_req=$((ir / req))"
+    done
+    exit 0
+fi
 
 if ((WITH_BALANCER)); then
     if start_balancer "$PROXY_CPU,$LOAD_CPU" "$TMP/balancer-idle.log"; then
