@@ -51,7 +51,8 @@ impl VerbatimLines {
             h.value.end
         };
         if buf.get(h.name.end) != Some(&b':') || end <= h.name.end {
-            // Not a line as httparse checks them; written field by field, as before runs.
+            // Not laid out as httparse leaves a line (its configuration here never does
+            // this); written from the parts instead.
             self.flush(out, buf);
             put_header(out, &buf[h.name.clone()], &buf[h.value.clone()]);
             return;
