@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use glommio::net::TcpStream;
 
+use crate::http::ResponseHead;
 use crate::metrics::ErrorKind;
 use crate::stream::Conn;
 
@@ -74,6 +75,9 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Taken from the pool rather than freshly connected.
     pub reused: bool,
+    /// The last response head read on this connection, kept so that the next one parses
+    /// into its field list instead of allocating one per response.
+    pub response_head: ResponseHead,
 }
 
 /// Opens a connection, mapping failures (including the deadline) to `connect` errors.
@@ -86,6 +90,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Upstream, Up
                 conn: Conn::new(stream, UPSTREAM_BUFFER),
                 addr,
                 reused: false,
+                response_head: ResponseHead::default(),
             })
         }
         Err(e) => Err(UpstreamError::new(ErrorKind::Connect, false, false, e)),

@@ -223,7 +223,9 @@ pub async fn relay_response(
     let shard = ex.shard;
     let head = ex.head;
     let deadline = glommio::timer::now() + timeout;
-    let mut resp = ResponseHead::default();
+    // Handed back below once the response is relayed whole (the connection may be reused);
+    // on any other outcome the connection is closed and its head goes with it.
+    let mut resp = std::mem::take(&mut upstream.response_head);
     loop {
         read_response_head(upstream, head.is_head, &mut resp, deadline).await?;
         if !resp.interim {
@@ -301,10 +303,12 @@ pub async fn relay_response(
             } else {
                 Next::Linger
             };
+            let reusable = resp.keep_alive && body_sent && resp.framing != ResponseFraming::Close;
+            upstream.response_head = resp;
             Ok(Relayed {
                 status,
                 next,
-                reusable: resp.keep_alive && body_sent && resp.framing != ResponseFraming::Close,
+                reusable,
                 backend_error: None,
             })
         }
