@@ -51,17 +51,18 @@ pub fn shard_capacity(total: usize, shards: usize) -> usize {
 /// Cache key: the lower-cased Host, the request-target (path and query), and, for responses that
 /// vary on it, the request's `Accept-Encoding`. The method is not part of it: `HEAD` and `GET`
 /// share entries.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     /// Lower-cased host followed by the target, in one allocation.
-    bytes: Box<[u8]>,
+    bytes: Vec<u8>,
     host_len: usize,
     variant: Variant,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 enum Variant {
     /// The key of a request before any `Vary` is known.
+    #[default]
     Primary,
     /// One `Accept-Encoding` (normalised; `None` when the request had none).
     AcceptEncoding(Option<Box<[u8]>>),
@@ -70,14 +71,21 @@ enum Variant {
 impl CacheKey {
     /// The primary key of a request (the one to coalesce concurrent misses on).
     pub fn new(host: &[u8], target: &[u8]) -> Self {
-        let mut bytes = Vec::with_capacity(host.len() + target.len());
-        bytes.extend(host.iter().map(u8::to_ascii_lowercase));
-        bytes.extend_from_slice(target);
-        CacheKey {
-            bytes: bytes.into_boxed_slice(),
-            host_len: host.len(),
-            variant: Variant::Primary,
-        }
+        let mut key = CacheKey {
+            bytes: Vec::with_capacity(host.len() + target.len()),
+            ..CacheKey::default()
+        };
+        key.set_primary(host, target);
+        key
+    }
+
+    /// Makes this the primary key of a request, reusing its allocation.
+    fn set_primary(&mut self, host: &[u8], target: &[u8]) {
+        self.bytes.clear();
+        self.bytes.extend(host.iter().map(u8::to_ascii_lowercase));
+        self.bytes.extend_from_slice(target);
+        self.host_len = host.len();
+        self.variant = Variant::Primary;
     }
 
     /// This key narrowed to one `Accept-Encoding` value, lower-cased with whitespace removed so
@@ -229,6 +237,8 @@ pub struct Cache {
     expiries: BTreeSet<(Instant, usize)>,
     /// Primary key -> live `Accept-Encoding` variants: tells `get` to look for a variant.
     variants: HashMap<CacheKey, usize>,
+    /// The key `get` looks up with, kept so that a hit allocates nothing.
+    probe: CacheKey,
     stats: CacheStats,
 }
 
@@ -247,6 +257,7 @@ impl Cache {
             ghost: Ghost::new(capacity.saturating_sub(small_target)),
             expiries: BTreeSet::new(),
             variants: HashMap::new(),
+            probe: CacheKey::default(),
             stats: CacheStats::default(),
         }
     }
@@ -264,11 +275,13 @@ impl Cache {
         if self.capacity == 0 {
             return Lookup::Miss;
         }
-        let primary = CacheKey::new(host, target);
+        let mut primary = std::mem::take(&mut self.probe);
+        primary.set_primary(host, target);
         let mut found = self.lookup(&primary, now);
         if found.is_none() && self.variants.contains_key(&primary) {
             found = self.lookup(&primary.with_accept_encoding(accept_encoding), now);
         }
+        self.probe = primary;
         match found {
             Some(response) => {
                 self.stats.hits += 1;

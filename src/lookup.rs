@@ -54,14 +54,18 @@ pub async fn consult(
     if !cacheable {
         return CacheStep::Forward(None, None);
     }
-    let candidate = CacheCandidate {
-        host: head.host_for_key(buf).to_vec(),
-        target: head.path(buf).to_vec(),
-        accept_encoding: head.header(buf, "accept-encoding").map(<[u8]>::to_vec),
-    };
-    if let Some(entry) = get(shard, &candidate) {
+    let host = head.host_for_key(buf);
+    let target = head.path(buf);
+    let accept_encoding = head.header(buf, "accept-encoding");
+    // A hit is looked up from the request's own bytes; only a miss copies them out.
+    if let Some(entry) = get(shard, host, target, accept_encoding) {
         return CacheStep::Served(serve_hit(shard, client, head, &entry, started).await);
     }
+    let candidate = CacheCandidate {
+        host: host.to_vec(),
+        target: target.to_vec(),
+        accept_encoding: accept_encoding.map(<[u8]>::to_vec),
+    };
     let key = CacheKey::new(&candidate.host, &candidate.target);
     let leader = shard.flights.borrow().get(&key).cloned();
     match leader {
@@ -71,7 +75,8 @@ pub async fn consult(
                 Ok(())
             };
             let _ = glommio::timer::timeout(shard.config.request_timeout, wait).await;
-            if let Some(entry) = get(shard, &candidate) {
+            let ae = candidate.accept_encoding.as_deref();
+            if let Some(entry) = get(shard, &candidate.host, &candidate.target, ae) {
                 return CacheStep::Served(serve_hit(shard, client, head, &entry, started).await);
             }
             shard.metrics.cache_misses.inc();
@@ -94,13 +99,16 @@ pub async fn consult(
     }
 }
 
-fn get(shard: &Shard, candidate: &CacheCandidate) -> Option<Rc<CachedResponse>> {
-    let lookup = shard.cache.borrow_mut().get(
-        &candidate.host,
-        &candidate.target,
-        candidate.accept_encoding.as_deref(),
-        Instant::now(),
-    );
+fn get(
+    shard: &Shard,
+    host: &[u8],
+    target: &[u8],
+    accept_encoding: Option<&[u8]>,
+) -> Option<Rc<CachedResponse>> {
+    let lookup = shard
+        .cache
+        .borrow_mut()
+        .get(host, target, accept_encoding, Instant::now());
     match lookup {
         Lookup::Hit(entry) => Some(entry),
         Lookup::Miss => None,
