@@ -904,6 +904,9 @@ if ((INSTRUCTIONS)); then
         # not finish in reasonable time, and there is nothing left to wait for.
         kill -KILL -- "-$pid" 2>/dev/null || true
         stop_pid "$pid"
+        # Killed, valgrind cannot remove the FIFOs its gdbserver (which callgrind_control
+        # talks to) made in /tmp.
+        rm -f /tmp/vgdb-pipe-*-"$pid"-by-* 2>/dev/null || true
         read -r _ _ _ req err non2xx <<<"$(parse_wrk "$TMP/callgrind-$s.wrk")"
         ((req > 0 && err == 0 && non2xx == 0)) ||
             die "balancer, $s: $req requests, $err socket errors, $non2xx non-2xx"
