@@ -186,13 +186,22 @@ fn has_obs_fold(window: &[u8]) -> bool {
         .any(|w| w == b"\n " || w == b"\n\t")
 }
 
-/// True when the request line's last word looks like "HTTP/<digit>[.<digit>]" (505, not 400).
+/// True when the request line is three words and the last looks like "HTTP/<digit>[.<digit>]"
+/// (505, not 400). A line with more words is malformed whatever it ends with.
 fn names_http_version(window: &[u8]) -> bool {
-    let line = window
+    let Some(line) = window
         .split(|&b| b == b'\r' || b == b'\n')
-        .find(|l| !l.is_empty());
-    let word = line.and_then(|l| l.rsplit(|&b| b == b' ').next());
-    match word.and_then(|w| w.strip_prefix(b"HTTP/")) {
+        .find(|l| !l.is_empty())
+    else {
+        return false;
+    };
+    let mut words = line.split(|&b| b == b' ');
+    let (Some(_method), Some(_target), Some(word), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return false;
+    };
+    match word.strip_prefix(b"HTTP/") {
         Some([major]) => major.is_ascii_digit(),
         Some([major, b'.', minor]) => major.is_ascii_digit() && minor.is_ascii_digit(),
         _ => false,
@@ -573,6 +582,9 @@ mod tests {
             ("GET  / HTTP/1.1\r\nHost: a\r\n\r\n", BadRequest("invalid request line")),
             ("G(T / HTTP/1.1\r\nHost: a\r\n\r\n", BadRequest("invalid request line")),
             ("GET / FOO/1.1\r\nHost: a\r\n\r\n", BadRequest("invalid http version")),
+            // A space in the target: four words, so no version to be unsupported.
+            ("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", BadRequest("invalid http version")),
+            ("GET / x HTTP/2.0\r\nHost: a\r\n\r\n", BadRequest("invalid http version")),
             ("GET / HTTP/1.1\rHost: a\r\n\r\n", BadRequest("invalid line ending")),
             ("GET / HTTP/2.0\r\nHost: a\r\n\r\n", VersionNotSupported),
             ("GET / HTTP/1.2\r\nHost: a\r\n\r\n", VersionNotSupported),
