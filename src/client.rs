@@ -78,6 +78,10 @@ pub struct Upstream {
     /// The last response head read on this connection, kept so that the next one parses
     /// into its field list instead of allocating one per response.
     pub response_head: ResponseHead,
+    /// The last response on this connection had a body the relay could splice, so the next
+    /// one is expected to be large too and its head is read in a small first read (see
+    /// `relay::SMALL_HEAD_READ`).
+    pub expect_large_body: bool,
 }
 
 /// Opens a connection, mapping failures (including the deadline) to `connect` errors.
@@ -91,6 +95,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Upstream, Up
                 addr,
                 reused: false,
                 response_head: ResponseHead::default(),
+                expect_large_body: false,
             })
         }
         Err(e) => Err(UpstreamError::new(ErrorKind::Connect, false, false, e)),

@@ -19,6 +19,12 @@ use crate::stream::{tunnel, Conn};
 
 /// A backend's receive buffer may grow to hold a head this large (then the head is refused).
 const UPSTREAM_BUFFER_MAX: usize = crate::http::MAX_HEAD_BYTES + 16 * 1024;
+/// The first read of a response head on a connection whose last body was large (spliced).
+/// Reading the usual 16 KiB would take up to 16 KiB of body with the head, and those bytes
+/// cross user space twice (copied in, then sent back out) where spliced ones do not; 2 KiB
+/// holds a typical head (a longer one takes another read) and leaves the body in the socket.
+/// A small response after a large one pays with an extra `recv` when it is over 2 KiB.
+pub const SMALL_HEAD_READ: usize = 2 * 1024;
 /// Upgraded (WebSocket) tunnels close after this long without a byte in either direction.
 pub const TUNNEL_IDLE: Duration = Duration::from_secs(3600);
 
@@ -77,7 +83,16 @@ async fn read_response_head(
             ));
         }
         upstream.conn.set_read_timeout(Some(left));
-        match upstream.conn.fill(UPSTREAM_BUFFER_MAX).await {
+        let first_read = if upstream.expect_large_body && !upstream.conn.has_pending() {
+            SMALL_HEAD_READ
+        } else {
+            usize::MAX
+        };
+        match upstream
+            .conn
+            .fill_at_most(UPSTREAM_BUFFER_MAX, first_read)
+            .await
+        {
             Ok(0) => {
                 return Err(upstream_failure(
                     ErrorKind::Reset,
@@ -255,6 +270,7 @@ pub async fn relay_response(
 
     let pending = upstream.conn.pending();
     let mut store_plan = plan_store(ex, &resp, pending);
+    let large_body = splices_after_small_head_read(resp.framing, store_plan.is_some());
     let extra: &[(&str, &str)] = if ex.candidate.is_some() {
         &[("X-Cache", "MISS")]
     } else {
@@ -305,6 +321,7 @@ pub async fn relay_response(
             };
             let reusable = resp.keep_alive && body_sent && resp.framing != ResponseFraming::Close;
             upstream.response_head = resp;
+            upstream.expect_large_body = large_body;
             Ok(Relayed {
                 status,
                 next,
@@ -313,6 +330,14 @@ pub async fn relay_response(
             })
         }
     }
+}
+
+/// Whether a response framed like this one would have (nearly) all its body spliced were its
+/// head read with `SMALL_HEAD_READ`: then the next response on the connection is read that way.
+/// A body copied for the cache crosses user space anyway, so it does not count.
+fn splices_after_small_head_read(framing: ResponseFraming, copied_for_cache: bool) -> bool {
+    !copied_for_cache
+        && matches!(framing, ResponseFraming::Length(n) if n >= SPLICE_MIN + SMALL_HEAD_READ as u64)
 }
 
 /// The copy to keep for the cache, when the request was a cacheable miss and the response
@@ -663,4 +688,43 @@ async fn switch_protocols(
     }
     tunnel(&mut client.stream, &mut upstream.conn.stream, TUNNEL_IDLE).await;
     Relayed::cut_short(101, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_body_that_would_be_spliced_after_a_small_head_read_predicts_a_large_next_one() {
+        let big = SPLICE_MIN + SMALL_HEAD_READ as u64;
+        assert!(splices_after_small_head_read(
+            ResponseFraming::Length(big),
+            false
+        ));
+        assert!(splices_after_small_head_read(
+            ResponseFraming::Length(64 * 1024),
+            false
+        ));
+        // One byte short: the body left behind a full small read could fall under SPLICE_MIN.
+        assert!(!splices_after_small_head_read(
+            ResponseFraming::Length(big - 1),
+            false
+        ));
+        // Copied for the cache, it crossed user space anyway.
+        assert!(!splices_after_small_head_read(
+            ResponseFraming::Length(big),
+            true
+        ));
+        // Only Content-Length bodies are spliced.
+        for framing in [
+            ResponseFraming::Chunked,
+            ResponseFraming::Close,
+            ResponseFraming::None,
+        ] {
+            assert!(
+                !splices_after_small_head_read(framing, false),
+                "{framing:?}"
+            );
+        }
+    }
 }

@@ -74,6 +74,12 @@ impl Conn {
     /// Reads more bytes after the pending ones, growing the buffer (up to `max_capacity`) only
     /// when the pending bytes already fill it. `Ok(0)` means the peer closed.
     pub async fn fill(&mut self, max_capacity: usize) -> io::Result<usize> {
+        self.fill_at_most(max_capacity, usize::MAX).await
+    }
+
+    /// `fill`, taking at most `limit` (> 0) bytes from the socket: whatever is behind them is
+    /// left there for the caller to move some other way (splice).
+    pub async fn fill_at_most(&mut self, max_capacity: usize, limit: usize) -> io::Result<usize> {
         if self.end == self.buf.len() && !self.compact() {
             if self.buf.len() < max_capacity {
                 let grown = (self.buf.len() * 2).min(max_capacity);
@@ -82,7 +88,8 @@ impl Conn {
                 return Err(io::Error::other("receive buffer full"));
             }
         }
-        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        let stop = self.end.saturating_add(limit.max(1)).min(self.buf.len());
+        let n = self.stream.read(&mut self.buf[self.end..stop]).await?;
         self.end += n;
         Ok(n)
     }
@@ -280,4 +287,56 @@ pub async fn tunnel(a: &mut TcpStream, b: &mut TcpStream, idle: Duration) {
         glommio::timer::sleep(TUNNEL_CLOSE_GRACE),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limited_fill_leaves_the_rest_in_the_socket_for_the_next_read() {
+        use std::io::Write;
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (written_tx, written_rx) = std::sync::mpsc::channel();
+        let sent = payload.clone();
+        let writer = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            conn.write_all(&sent).expect("write");
+            let _ = written_tx.send(());
+            // Held open until the reader is done, so no EOF cuts a read short.
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let got = std::thread::spawn(move || {
+            let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                .io_memory(crate::shard::IO_MEMORY)
+                .make()
+                .expect("an executor");
+            executor.run(async move {
+                let stream = TcpStream::connect(addr).await.expect("connect");
+                let mut conn = Conn::new(stream, 16 * 1024);
+                written_rx
+                    .recv_timeout(Duration::from_secs(5))
+                    .expect("the writer wrote everything");
+                let first = conn
+                    .fill_at_most(16 * 1024, 2048)
+                    .await
+                    .expect("first read");
+                let second = conn.fill(16 * 1024).await.expect("second read");
+                (first, second, conn.pending().to_vec())
+            })
+        })
+        .join()
+        .expect("reader");
+        writer.join().expect("writer");
+        let (first, second, bytes) = got;
+        assert_eq!(first, 2048, "the limited read stops at its limit");
+        assert_eq!(
+            second,
+            10_000 - 2048,
+            "an unlimited read takes what was left"
+        );
+        assert!(bytes == payload, "bytes in order");
+    }
 }
