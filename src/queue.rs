@@ -171,8 +171,7 @@ fn parse_typed(text: &str, default_port: u16) -> Option<ServerSet> {
 /// The slow path: a generic JSON tree, so every rejection can name the entry, the field and
 /// the offending value as sent.
 fn parse_tree(text: &str, default_port: u16) -> Result<ServerSet, Rejection> {
-    let document: Value =
-        serde_json::from_str(text).map_err(|e| Rejection::NotJson(e.to_string()))?;
+    let document = parse_document(text)?;
     let entries = match &document {
         Value::Array(entries) => entries,
         Value::Object(object) => match object.get("servers") {
@@ -204,6 +203,66 @@ fn parse_tree(text: &str, default_port: u16) -> Result<ServerSet, Rejection> {
         servers.push(server);
     }
     Ok(ServerSet { servers })
+}
+
+/// Marks, inside a JSON string, a number serde_json could not hold (see `parse_document`);
+/// the number as sent follows it.
+const OUT_OF_RANGE: &str = "\u{0}number out of range:";
+/// Out-of-range numbers rewritten per document at most; more is not a snapshot worth wording.
+const MAX_OUT_OF_RANGE: usize = 16;
+
+/// The JSON tree of `text`. Numbers beyond f64's range (`1e999`) are valid JSON that serde_json
+/// refuses; as `score: 1e999` is a bad entry rather than bad JSON, each is rewritten into a
+/// marked string so the tree parses and the entry's check names the field and the number.
+fn parse_document(text: &str) -> Result<Value, Rejection> {
+    let first = match serde_json::from_str(text) {
+        Ok(document) => return Ok(document),
+        Err(e) => e,
+    };
+    let mut rewritten = text.to_owned();
+    let mut error = first.to_string();
+    for _ in 0..MAX_OUT_OF_RANGE {
+        if !error.starts_with("number out of range") {
+            break;
+        }
+        let Some(span) = number_at(&rewritten, &error) else {
+            break;
+        };
+        let number = rewritten[span.clone()].to_owned();
+        // The marker's NUL goes in escaped: a raw control character is not allowed in JSON.
+        rewritten.replace_range(span, &format!("\"\\u0000{}{number}\"", &OUT_OF_RANGE[1..]));
+        match serde_json::from_str(&rewritten) {
+            Ok(document) => return Ok(document),
+            Err(e) => error = e.to_string(),
+        }
+    }
+    // Positions in later errors refer to the rewritten text: report the first one.
+    Err(Rejection::NotJson(first.to_string()))
+}
+
+/// The byte range of the JSON number that serde_json's `error` ("... at line L column C")
+/// points into.
+fn number_at(text: &str, error: &str) -> Option<std::ops::Range<usize>> {
+    let (_, position) = error.rsplit_once(" at line ")?;
+    let (line, column) = position.split_once(" column ")?;
+    let (line, column): (usize, usize) = (line.parse().ok()?, column.parse().ok()?);
+    let line_start = if line <= 1 {
+        0
+    } else {
+        text.match_indices('\n').nth(line - 2)?.0 + 1
+    };
+    let bytes = text.as_bytes();
+    let is_number_byte = |b: u8| b.is_ascii_digit() || b"+-.eE".contains(&b);
+    let mut end = (line_start + column).min(bytes.len());
+    while end < bytes.len() && is_number_byte(bytes[end]) {
+        end += 1;
+    }
+    let mut start = end;
+    while start > 0 && is_number_byte(bytes[start - 1]) {
+        start -= 1;
+    }
+    let first = *bytes.get(start)?;
+    (start < end && (first == b'-' || first.is_ascii_digit())).then_some(start..end)
 }
 
 /// What a bad field looks like before the caller adds the entry's index.
@@ -302,7 +361,10 @@ fn identity(server: &ServerEntry) -> (String, u16) {
 
 /// The JSON text of an offending value, shortened so a rejection stays one readable line.
 fn quote(value: &Value) -> String {
-    let mut text = value.to_string();
+    let mut text = match value {
+        Value::String(s) if s.starts_with(OUT_OF_RANGE) => s[OUT_OF_RANGE.len()..].to_owned(),
+        _ => value.to_string(),
+    };
     if text.chars().count() > MAX_QUOTED {
         text = text.chars().take(MAX_QUOTED).collect();
         text.push_str("...");
@@ -492,6 +554,53 @@ mod tests {
             let text = format!(r#"[{{"host":"{host}","score":1}}]"#);
             assert_eq!(parse_snapshot(&text, 80).is_ok(), accepted, "{host}");
         }
+    }
+
+    /// Valid JSON, but beyond f64: a bad field, named with the number as sent, wherever it is.
+    #[test]
+    fn numbers_out_of_range_are_bad_fields_not_bad_json() {
+        let cases = [
+            (
+                r#"[{"host":"127.0.0.1","score":1e400}]"#,
+                "entry 0: field score: value 1e400: must be a finite number >= 0",
+            ),
+            (
+                r#"{"servers":[{"host":"a.b","score":1},{"host":"c.d","score":-1E+999}]}"#,
+                "entry 1: field score: value -1E+999: must be a finite number >= 0",
+            ),
+            (
+                "[\n {\"host\": \"a.b\",\n  \"score\": 1.5e309 }\n]",
+                "entry 0: field score: value 1.5e309: must be a finite number >= 0",
+            ),
+            (
+                r#"[{"host":"a.b","port":1e999,"score":1}]"#,
+                "entry 0: field port: value 1e999: must be an integer from 1 to 65535",
+            ),
+            (
+                r#"[{"host":"a.b","score":1,"extra":[1e999,2e999]},{"host":"c.d","score":9e999}]"#,
+                "entry 1: field score: value 9e999: must be a finite number >= 0",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = parse_snapshot(text, 80).expect_err(text).to_string();
+            assert_eq!(message, expected, "{text}");
+        }
+        let digits = format!(r#"[{{"host":"a.b","score":{}}}]"#, "9".repeat(400));
+        let message = parse_snapshot(&digits, 80)
+            .expect_err("400 digits")
+            .to_string();
+        assert!(
+            message.starts_with("entry 0: field score: value 999"),
+            "{message}"
+        );
+        // An out-of-range number does not hide a syntax error behind it; the first error is
+        // reported as serde_json worded it.
+        let broken = r#"[{"host":"a.b","score":1e400} oops]"#;
+        let message = parse_snapshot(broken, 80).expect_err("broken").to_string();
+        assert!(
+            message.starts_with("not valid json: number out of range at line 1 column"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -162,6 +162,24 @@ fn a_negative_backends_score_is_reported_with_its_index_field_and_value() {
     );
 }
 
+/// JSON has no infinity; a score too large for a double is how one is written, and it is a bad
+/// entry like any other, not unreadable JSON.
+#[test]
+fn an_infinite_backends_score_is_reported_with_its_index_field_and_value() {
+    let backends = r#"[{"host":"127.0.0.1","port":8001,"score":1},{"host":"127.0.0.1","port":8002,"score":1e999}]"#;
+    let (code, _, err) = run_to_exit(&env_with(&[("BACKENDS", backends)]), &[]);
+    assert_eq!(code, Some(2), "stderr: {err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("BACKENDS"))
+        .unwrap_or_else(|| panic!("{err:?}"));
+    assert!(line.contains("score") && line.contains("1e999"), "{line}");
+    assert!(
+        words(line).contains(&"1"),
+        "gives the 0-based index 1: {line}"
+    );
+}
+
 /// Starts the balancer with `var` set to a port another socket holds; asserts exit status 1
 /// and a line saying the port is in use, and returns stderr.
 fn run_with_port_taken(var: &str) -> String {
