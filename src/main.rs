@@ -88,6 +88,7 @@ fn run(config: Config, initial: Update) -> Result<(), String> {
             return Err(StartupError::MemlockTooLow(limit).to_string());
         }
     }
+    shard::check_io_uring().map_err(|e| e.to_string())?;
     // Bound before the shards start: a process that cannot start must never have accepted a
     // connection or logged `listening on`.
     let admin_listener = match config.admin_port {

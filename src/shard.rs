@@ -406,6 +406,26 @@ fn bind_error(addr: SocketAddr, e: io::Error) -> StartupError {
     }
 }
 
+/// Sets up (and closes) a one-entry io_uring. glommio panics, inside a lazily built probe of
+/// the kernel's operations, when the kernel refuses io_uring (no support, `sysctl
+/// kernel.io_uring_disabled`, a seccomp profile such as Docker's default), and the process
+/// would abort with that message; asked first, the refusal becomes `StartupError::IoUring`.
+#[allow(unsafe_code)]
+pub fn check_io_uring() -> Result<(), StartupError> {
+    // struct io_uring_params: 120 bytes the kernel reads and fills in; zero asks for defaults.
+    let mut params = [0u64; 15];
+    // SAFETY: io_uring_setup(2) reads and writes the 120 bytes of `params`, which outlive the
+    // call, and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(StartupError::IoUring(format!("io_uring_setup: {e}")));
+    }
+    // SAFETY: `fd` is the descriptor io_uring_setup just returned; nothing else holds it.
+    unsafe { libc::close(fd as libc::c_int) };
+    Ok(())
+}
+
 fn executor_error(e: glommio::GlommioError<()>) -> StartupError {
     match e {
         glommio::GlommioError::ReactorError(glommio::ReactorErrorKind::MemLockLimit(limit, _)) => {

@@ -274,3 +274,121 @@ fn the_listening_line_shows_a_configured_port() {
     assert_eq!(lb.addr.port(), port);
     assert_eq!(get(lb.addr, "/").status, 200);
 }
+
+/// Runs the binary with the default test environment and `prepare` applied in the child just
+/// before exec; returns (exit code, stderr). Killed after WAIT if it does not exit.
+fn run_to_exit_after(prepare: fn() -> std::io::Result<()>) -> (Option<i32>, String) {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_balancer"));
+    cmd.env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env_with(&[]) {
+        cmd.env(k, v);
+    }
+    // SAFETY: `prepare` makes system calls on stack data only: nothing between fork and exec
+    // allocates or takes a lock.
+    unsafe { cmd.pre_exec(prepare) };
+    let mut child = cmd.spawn().expect("binary starts");
+    let deadline = std::time::Instant::now() + WAIT;
+    while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A seccomp filter that fails io_uring_setup(2) with EPERM, as Docker's default profile and
+/// `sysctl kernel.io_uring_disabled=2` do (the sysctl would hit every test running at once).
+fn deny_io_uring() -> std::io::Result<()> {
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let filter = [
+        // seccomp_data.nr: the system call number, at offset 0.
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        },
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    let program = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl(2) with the documented arguments; `program` and `filter` outlive the call.
+    let ok = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+            && libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &program as *const libc::sock_fprog,
+            ) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[test]
+fn io_uring_refused_by_the_kernel_is_exit_status_1_and_a_sentence_saying_what_to_do() {
+    let (code, err) = run_to_exit_after(deny_io_uring);
+    assert_eq!(code, Some(1), "stderr: {err}");
+    let lines = non_empty_lines(&err);
+    let line = lines
+        .iter()
+        .find(|l| l.contains("io_uring"))
+        .unwrap_or_else(|| panic!("a line about io_uring: {err:?}"));
+    assert!(line.contains("unavailable"), "says which: {line}");
+    assert!(
+        line.contains("kernel.io_uring_disabled") && line.contains("seccomp"),
+        "says what to do: {line}"
+    );
+    assert!(!err.contains("panicked"), "no panic: {err}");
+    assert!(!err.contains("listening on"), "never listened: {err}");
+}
+
+/// glommio cannot start an executor under 512 KiB of lockable memory.
+fn low_memlock() -> std::io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: 64 * 1024,
+        rlim_max: 64 * 1024,
+    };
+    // SAFETY: setrlimit(2) reads `limit`, which outlives the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[test]
+fn a_memlock_limit_too_low_is_exit_status_1_and_a_sentence_saying_what_to_do() {
+    let (code, err) = run_to_exit_after(low_memlock);
+    assert_eq!(code, Some(1), "stderr: {err}");
+    let line = non_empty_lines(&err)
+        .into_iter()
+        .find(|l| l.contains("memlock"))
+        .unwrap_or_else(|| panic!("a line about memlock: {err:?}"));
+    assert!(line.contains("65536"), "gives the limit: {line}");
+    assert!(line.contains("ulimit -l"), "says what to do: {line}");
+    assert!(!err.contains("panicked"), "no panic: {err}");
+}
