@@ -127,39 +127,35 @@ fn each_invalid_value_exits_2_naming_the_variable_and_the_value() {
     );
 }
 
-#[test]
-fn a_bad_backends_entry_is_reported_with_its_index_field_and_value() {
-    let backends = r#"[{"host":"127.0.0.1","port":8001,"score":1},
-                       {"host":"127.0.0.1","port":8002,"score":1},
-                       {"host":"127.0.0.1","port":8003,"score":"heavy"}]"#;
+/// Starts the balancer with `backends`; asserts exit status 2 and one stderr line naming
+/// BACKENDS, the entry's 0-based `index`, the `field` and the bad `value`.
+fn assert_bad_backends_entry(backends: &str, index: &str, field: &str, value: &str) {
     let (code, _, err) = run_to_exit(&env_with(&[("BACKENDS", backends)]), &[]);
     assert_eq!(code, Some(2), "stderr: {err}");
     let lines = non_empty_lines(&err);
     assert_eq!(lines.len(), 1, "one line on stderr: {err:?}");
     let line = lines[0];
     assert!(line.contains("BACKENDS"), "names the variable: {line}");
-    assert!(line.contains("score"), "names the field: {line}");
-    assert!(line.contains("heavy"), "quotes the value: {line}");
+    assert!(line.contains(field), "names the field {field}: {line}");
+    assert!(line.contains(value), "quotes the value {value}: {line}");
     assert!(
-        words(line).contains(&"2"),
-        "gives the 0-based index 2: {line}"
+        words(line).contains(&index),
+        "gives the 0-based index {index}: {line}"
     );
+}
+
+#[test]
+fn a_bad_backends_entry_is_reported_with_its_index_field_and_value() {
+    let backends = r#"[{"host":"127.0.0.1","port":8001,"score":1},
+                       {"host":"127.0.0.1","port":8002,"score":1},
+                       {"host":"127.0.0.1","port":8003,"score":"heavy"}]"#;
+    assert_bad_backends_entry(backends, "2", "score", "heavy");
 }
 
 #[test]
 fn a_negative_backends_score_is_reported_with_its_index_field_and_value() {
     let backends = r#"[{"host":"127.0.0.1","port":8001,"score":-3}]"#;
-    let (code, _, err) = run_to_exit(&env_with(&[("BACKENDS", backends)]), &[]);
-    assert_eq!(code, Some(2), "stderr: {err}");
-    let line = err
-        .lines()
-        .find(|l| l.contains("BACKENDS"))
-        .unwrap_or_else(|| panic!("{err:?}"));
-    assert!(line.contains("score") && line.contains("-3"), "{line}");
-    assert!(
-        words(line).contains(&"0"),
-        "gives the 0-based index 0: {line}"
-    );
+    assert_bad_backends_entry(backends, "0", "score", "-3");
 }
 
 /// JSON has no infinity; a score too large for a double is how one is written, and it is a bad
@@ -167,17 +163,7 @@ fn a_negative_backends_score_is_reported_with_its_index_field_and_value() {
 #[test]
 fn an_infinite_backends_score_is_reported_with_its_index_field_and_value() {
     let backends = r#"[{"host":"127.0.0.1","port":8001,"score":1},{"host":"127.0.0.1","port":8002,"score":1e999}]"#;
-    let (code, _, err) = run_to_exit(&env_with(&[("BACKENDS", backends)]), &[]);
-    assert_eq!(code, Some(2), "stderr: {err}");
-    let line = err
-        .lines()
-        .find(|l| l.contains("BACKENDS"))
-        .unwrap_or_else(|| panic!("{err:?}"));
-    assert!(line.contains("score") && line.contains("1e999"), "{line}");
-    assert!(
-        words(line).contains(&"1"),
-        "gives the 0-based index 1: {line}"
-    );
+    assert_bad_backends_entry(backends, "1", "score", "1e999");
 }
 
 /// Starts the balancer with `var` set to a port another socket holds; asserts exit status 1
