@@ -158,26 +158,35 @@ impl Hasher for AddrHasher {
 
 impl Pool {
     /// Takes the most recently used idle connection to `addr` that is still within the pool's
-    /// idle timeout.
+    /// idle timeout and on which nothing arrived while it was idle (closing the others: bytes
+    /// there would be read as the next request's response, by whichever client sent it).
     pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<Upstream> {
         let list = self.idle.get_mut(&addr)?;
         while let Some(idle) = list.pop() {
-            if now.duration_since(idle.since) < POOL_IDLE_TIMEOUT {
-                let mut upstream = idle.upstream;
-                upstream.reused = true;
-                return Some(upstream);
+            let mut upstream = idle.upstream;
+            if now.duration_since(idle.since) >= POOL_IDLE_TIMEOUT {
+                continue;
             }
+            if upstream.conn.arrived_while_idle() {
+                log::debug!(
+                    "closing an idle connection to {addr}: the backend sent or closed something while it was idle"
+                );
+                continue;
+            }
+            upstream.reused = true;
+            return Some(upstream);
         }
         None
     }
 
     /// Returns a connection whose exchange completed cleanly.
-    pub fn put(&mut self, upstream: Upstream, now: Instant) {
+    pub fn put(&mut self, mut upstream: Upstream, now: Instant) {
         if upstream.conn.has_pending() {
             return; // stray bytes after a complete response: the connection is out of sync
         }
         let list = self.idle.entry(upstream.addr).or_default();
         if list.len() < POOL_MAX_IDLE_PER_SERVER {
+            upstream.conn.go_idle();
             list.push(Idle {
                 upstream,
                 since: now,

@@ -106,6 +106,35 @@ impl Conn {
         true
     }
 
+    /// An idle keep-alive connection's state between exchanges: keeps a read poll armed so
+    /// that `arrived_while_idle` can tell whether anything came in meanwhile.
+    pub fn go_idle(&mut self) {
+        self.stream.watch_while_idle();
+    }
+
+    /// Whether anything arrived on this idle connection since its last exchange: bytes
+    /// nobody asked for (a late or unsolicited response, a server's 408 before it closes), an
+    /// end of stream or an error. Such a connection is out of step with its peer and must not
+    /// carry another exchange. Costs a recv(2) only when the read poll has reported something
+    /// since the connection was last drained.
+    pub fn arrived_while_idle(&mut self) -> bool {
+        if self.has_pending() {
+            return true;
+        }
+        if !self.stream.may_have_input() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        match recv_now(&self.stream, probe.as_mut_ptr(), probe.len()) {
+            Ok(None) => {
+                // A completion for bytes that were read already: nothing new.
+                self.stream.assume_drained();
+                false
+            }
+            Ok(Some(_)) | Err(_) => true,
+        }
+    }
+
     /// Reads whatever the socket holds right now (at most `max` bytes) straight into `dst`'s
     /// spare room, without waiting and without going through this connection's buffer (which
     /// must be empty, or bytes would be reordered). `Ok(None)`: nothing ready; `Ok(Some(0))`:

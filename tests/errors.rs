@@ -442,6 +442,75 @@ fn gets_on_connections_the_backend_closed_while_pooled_never_fail() {
     assert_eq!(backend.requests(), 50);
 }
 
+/// After its response, writes more on the connection once it is idle in the balancer's pool:
+/// a second, unasked-for response after `/then-a-stray-response`, or (as some servers do on
+/// idle keep-alive connections) `408` and a close after `/then-408`. Every response's body
+/// names the path it answers.
+fn backend_speaking_out_of_turn() -> RawBackend {
+    RawBackend::start(Arc::new(|conn: std::net::TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        while let Some((_method, path, _headers)) = read_request(&mut reader) {
+            let body = format!("for {path}");
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if writer.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+            let late = match path.as_str() {
+                "/then-a-stray-response" => {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Stray: 1\r\n\r\nstray"
+                }
+                "/then-408" => {
+                    "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+                }
+                _ => continue,
+            };
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = writer.write_all(late.as_bytes());
+            if path == "/then-408" {
+                return;
+            }
+        }
+    }))
+}
+
+/// Bytes that arrive on a pooled connection between exchanges are out of step with the
+/// requests: read as the next response they would reach whichever client is served next
+/// (and every later response on that connection would be one behind). Such a connection is
+/// closed instead, on its first reuse and on later ones, and the next client gets its own
+/// answer.
+#[test]
+fn bytes_a_backend_sends_on_an_idle_pooled_connection_never_reach_a_client() {
+    let backend = backend_speaking_out_of_turn();
+    let lb = Balancer::serving(&[(backend.addr, 1.0)]);
+    let get_alone = |path: &str| {
+        let resp = get(lb.addr, path);
+        assert_eq!(resp.status, 200, "{path}: {}", resp.text());
+        assert_eq!(
+            resp.text(),
+            format!("for {path}"),
+            "{path} got another answer"
+        );
+        assert_eq!(resp.header("X-Stray"), None, "{path}");
+    };
+    for round in 0..4 {
+        for trigger in ["/then-408", "/then-a-stray-response"] {
+            // After a 408 the backend closes, so the next trigger is the first exchange on a
+            // fresh backend connection unless a warm-up came before it.
+            if round % 2 == 1 {
+                get_alone(&format!("/warm-{round}"));
+            }
+            get_alone(trigger);
+            std::thread::sleep(Duration::from_millis(300));
+            get_alone(&format!("/next-{round}"));
+            get_alone(&format!("/after-{round}"));
+        }
+    }
+}
+
 #[test]
 fn posts_on_connections_the_backend_closed_while_pooled_never_fail() {
     let backend = Backend::start(Arc::new(|_| {

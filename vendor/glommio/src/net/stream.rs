@@ -350,19 +350,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         drained_below: usize,
         op: impl FnOnce() -> Option<io::Result<usize>>,
     ) -> Poll<io::Result<usize>> {
-        if let Some(source) = self.source_rx.as_ref() {
-            if let Some(result) = source.take_result() {
-                self.rx_ready.set(true);
-                let hang_up = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
-                if result.is_ok_and(|mask| mask as libc::c_short & hang_up != 0) {
-                    self.rx_hang_up.set(true);
-                }
-            }
-            if !source.is_armed() {
-                // A one-shot poll completed, or the kernel ended a multishot one.
-                self.source_rx = None;
-            }
-        }
+        self.absorb_poll_completion();
 
         if self.rx_ready.get() {
             if let Some(result) = op() {
@@ -393,6 +381,43 @@ impl<S: AsRawFd> NonBufferedStream<S> {
     pub(crate) fn poll_write(&mut self, cx: &Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let fd = self.stream.as_raw_fd();
         self.poll_write_with(cx, || super::yolo_send(fd, buf))
+    }
+
+    /// balancer patch: takes in the read poll's latest completion, if any: the socket may now
+    /// hold data, or a hang-up or an error.
+    fn absorb_poll_completion(&mut self) {
+        if let Some(source) = self.source_rx.as_ref() {
+            if let Some(result) = source.take_result() {
+                self.rx_ready.set(true);
+                let hang_up = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
+                if result.is_ok_and(|mask| mask as libc::c_short & hang_up != 0) {
+                    self.rx_hang_up.set(true);
+                }
+            }
+            if !source.is_armed() {
+                // A one-shot poll completed, or the kernel ended a multishot one.
+                self.source_rx = None;
+            }
+        }
+    }
+
+    /// balancer patch: the stream goes idle between exchanges (a pooled connection): makes
+    /// sure a read poll stays armed, so that anything arriving before the next exchange (bytes
+    /// nobody asked for, a hang-up) is reported to `may_have_input`.
+    pub(crate) fn watch_while_idle(&mut self) {
+        self.absorb_poll_completion();
+        if self.source_rx.is_none() {
+            if let Some(reactor) = self.reactor.upgrade() {
+                self.source_rx = Some(reactor.poll_read_multishot(self.stream.as_raw_fd()));
+            }
+        }
+    }
+
+    /// balancer patch: whether a read may find something (bytes, a hang-up or an error)
+    /// since the socket was last drained, as far as the read poll has reported; reads nothing.
+    pub(crate) fn may_have_input(&mut self) -> bool {
+        self.absorb_poll_completion();
+        self.rx_ready.get()
     }
 
     /// balancer patch: the socket is drained (a short read or EAGAIN here, or the caller knows
@@ -606,6 +631,17 @@ impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
     /// balancer patch: see `NonBufferedStream::assume_drained`.
     pub(crate) fn assume_drained(&self) {
         self.stream.assume_drained();
+    }
+
+    /// balancer patch: see `NonBufferedStream::watch_while_idle`.
+    pub(crate) fn watch_while_idle(&mut self) {
+        self.stream.watch_while_idle();
+    }
+
+    /// balancer patch: see `NonBufferedStream::may_have_input`; bytes already in the receive
+    /// buffer count as input.
+    pub(crate) fn may_have_input(&mut self) -> bool {
+        !self.rx_buf.is_empty() || self.stream.may_have_input()
     }
 
     /// balancer patch: see `NonBufferedStream::poll_write_with`.

@@ -810,6 +810,19 @@ impl<B: RxBuf + Unpin> TcpStream<B> {
         self.stream.assume_drained();
     }
 
+    /// balancer patch: the connection goes idle until its next exchange (a keep-alive pool):
+    /// keeps a read poll armed so that `may_have_input` learns of anything arriving meanwhile.
+    pub fn watch_while_idle(&mut self) {
+        self.stream.watch_while_idle();
+    }
+
+    /// balancer patch: whether a read may find something (bytes, end of stream or an error)
+    /// since the stream was last drained, as far as its read poll has reported (a completion
+    /// the reactor has not reaped yet is not seen). Reads nothing.
+    pub fn may_have_input(&mut self) -> bool {
+        self.stream.may_have_input()
+    }
+
     /// Runs `op` on the socket's descriptor, a non-blocking call that moves bytes into the
     /// socket; when it fails with `WouldBlock`, waits until the socket is writable and
     /// tries again.
