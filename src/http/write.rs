@@ -230,10 +230,13 @@ pub fn write_response_head(
             .headers
             .iter()
             .any(|h| h.field == Field::TransferEncoding);
+    // RFC 9110 §8.6, RFC 9112 §6.1: a 1xx or 204 carries neither (a backend's are dropped).
+    let no_body_fields = head.status < 200 || head.status == 204;
     let mut lines = VerbatimLines::default();
     for h in &head.headers {
         let name = &buf[h.name.clone()];
         match h.field {
+            Field::ContentLength | Field::TransferEncoding if no_body_fields => continue,
             Field::ContentLength if head.framing != ResponseFraming::None || has_te => continue,
             Field::ContentLength => {}
             Field::TransferEncoding if opts.dechunk => continue,
@@ -574,6 +577,26 @@ mod tests {
             respond(not_modified, &KEEP),
             "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: gzip\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn no_content_and_interim_responses_carry_no_body_fields() {
+        for (raw, expected) in [
+            (
+                "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-A: 1\r\n\r\n",
+                "HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n",
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "HTTP/1.1 204 No Content\r\n\r\n",
+            ),
+            (
+                "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\nContent-Length: 0\r\n\r\n",
+                "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n",
+            ),
+        ] {
+            assert_eq!(respond(raw, &KEEP), expected, "{raw:?}");
+        }
     }
 
     /// Found by fuzzing (framing_diff): an empty Transfer-Encoding line beside "chunked" is
