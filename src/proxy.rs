@@ -530,8 +530,9 @@ impl Exchange<'_> {
                     crate::relay::Continue::Answered(relayed) => return Ok(relayed),
                 }
             }
-            crate::relay::forward_body(self.shard, client, upstream, framing).await?;
-            body_sent = true;
+            let forwarded =
+                crate::relay::forward_body(self.shard, client, upstream, framing).await?;
+            body_sent = forwarded == crate::relay::BodyForwarded::Whole;
         }
         relay_response(self, client, upstream, timeout, body_sent).await
     }

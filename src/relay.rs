@@ -120,6 +120,35 @@ async fn read_response_head(
     }
 }
 
+/// Whether the backend has begun a final answer while the request body is still being sent.
+/// Costs a read only when its poll reported something; interim (1xx) answers do not count
+/// (they are relayed ahead of the final one).
+fn answered_early(upstream: &mut Upstream) -> bool {
+    if !upstream.conn.has_pending() {
+        if !upstream.conn.stream.may_have_input() {
+            return false;
+        }
+        match upstream.conn.try_fill() {
+            Ok(Some(n)) if n > 0 => {}
+            Ok(None) => return false,
+            // Closed or failed: reading the answer will tell what (if anything) came.
+            Ok(Some(_)) | Err(_) => return true,
+        }
+    }
+    starts_final_status(upstream.conn.pending())
+}
+
+/// Whether `bytes` begin a status line whose status is not 1xx ("HTTP/1.1 413"); anything
+/// that is not a status line counts too (reading it as the answer fails it as malformed).
+fn starts_final_status(bytes: &[u8]) -> bool {
+    const STATUS_AT: usize = b"HTTP/1.1 ".len();
+    match bytes.get(STATUS_AT) {
+        Some(b'1') => !bytes.starts_with(b"HTTP/1."),
+        Some(_) => true,
+        None => !b"HTTP/1.1 ".starts_with(bytes) && !b"HTTP/1.0 ".starts_with(bytes),
+    }
+}
+
 /// What the backend said to `Expect: 100-continue`.
 pub enum Continue {
     SendBody,
@@ -181,21 +210,34 @@ async fn relay_interim(
     Ok(())
 }
 
+/// How much of a streamed request body reached the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyForwarded {
+    Whole,
+    /// The backend answered before the body was all sent (RFC 9112 §9.5: a 413 or 401 while
+    /// the client is still uploading): the rest is not forwarded, the answer is relayed, and
+    /// neither connection carries another exchange.
+    AnsweredEarly,
+}
+
 /// Streams a request body that was not buffered from the client to the backend.
 pub async fn forward_body(
     shard: &Shard,
     client: &mut Conn,
     upstream: &mut Upstream,
     framing: RequestFraming,
-) -> Result<(), Failure> {
+) -> Result<BodyForwarded, Failure> {
     let mut remaining = match framing {
         RequestFraming::Length(n) => n,
         RequestFraming::Chunked => u64::MAX,
-        RequestFraming::None => return Ok(()),
+        RequestFraming::None => return Ok(BodyForwarded::Whole),
     };
     let mut decoder = ChunkedDecoder::new();
     client.set_read_timeout(Some(shard.config.client_idle_timeout));
     loop {
+        if answered_early(upstream) {
+            return Ok(BodyForwarded::AnsweredEarly);
+        }
         if client.has_pending() {
             let take = match framing {
                 RequestFraming::Chunked => decoder
@@ -203,11 +245,14 @@ pub async fn forward_body(
                     .map_err(|_| Failure::ClientStatus(400))?,
                 _ => client.pending().len().min(remaining as usize),
             };
-            upstream
-                .conn
-                .write_all(&client.pending()[..take])
-                .await
-                .map_err(|e| upstream_failure(ErrorKind::Reset, upstream, e))?;
+            if let Err(e) = upstream.conn.write_all(&client.pending()[..take]).await {
+                // A backend that answered and closed without reading the rest (its close
+                // with unread bytes is a reset): the answer is still in the socket.
+                if matches!(upstream.conn.try_fill(), Ok(Some(n)) if n > 0) {
+                    return Ok(BodyForwarded::AnsweredEarly);
+                }
+                return Err(upstream_failure(ErrorKind::Reset, upstream, e));
+            }
             client.consume(take);
             if framing != RequestFraming::Chunked {
                 remaining -= take as u64;
@@ -218,7 +263,7 @@ pub async fn forward_body(
             _ => remaining == 0,
         };
         if finished {
-            return Ok(());
+            return Ok(BodyForwarded::Whole);
         }
         match client.fill(crate::http::MAX_HEAD_BYTES).await {
             Ok(n) if n > 0 => {}
@@ -693,6 +738,38 @@ async fn switch_protocols(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_early_answer_is_a_final_status_or_anything_that_is_not_a_status_line() {
+        for bytes in [
+            &b"HTTP/1.1 413"[..],
+            b"HTTP/1.0 401 No",
+            b"HTTP/1.1 200",
+            b"junk",
+            b"HTTP/2",
+        ] {
+            assert!(
+                starts_final_status(bytes),
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        // Interim answers, and status lines too short to tell yet.
+        for bytes in [
+            &b"HTTP/1.1 100 Continue"[..],
+            b"HTTP/1.1 103",
+            b"HTTP/1.1 ",
+            b"HTTP/1.",
+            b"H",
+            b"",
+        ] {
+            assert!(
+                !starts_final_status(bytes),
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
 
     #[test]
     fn only_a_body_that_would_be_spliced_after_a_small_head_read_predicts_a_large_next_one() {

@@ -471,3 +471,95 @@ fn responses_of_every_size_after_large_bodies_come_out_whole_on_one_backend_conn
         "every response came over one pooled backend connection"
     );
 }
+
+/// Answers `413` right after each request head, without reading the body: then closes
+/// (`/then-close`: with the body unread, the close is a reset) or reads and discards the
+/// body (`/then-read`) before the next request.
+fn early_answering_backend() -> RawBackend {
+    RawBackend::start(Arc::new(|conn: TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        while let Some((_method, path, headers)) = read_request(&mut reader) {
+            let close = path == "/then-close";
+            let answer = format!(
+                "HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\n{}\r\ntoo large",
+                if close { "Connection: close\r\n" } else { "" }
+            );
+            if writer.write_all(answer.as_bytes()).is_err() || close {
+                return;
+            }
+            let len: usize = headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            if std::io::copy(
+                &mut std::io::Read::take(&mut reader, len as u64),
+                &mut std::io::sink(),
+            )
+            .is_err()
+            {
+                return;
+            }
+        }
+    }))
+}
+
+/// Uploads `UPLOAD` bytes to `path` in paced pieces on a new connection while reading the
+/// answer; returns the answer's status and how much of the body had been written when the
+/// answer's head arrived.
+fn upload_until_answered(balancer: &Balancer, path: &str) -> (u16, usize) {
+    const UPLOAD: usize = 4 * 1024 * 1024;
+    let (mut writer, mut reader) = open(balancer);
+    writer
+        .write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {UPLOAD}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = written.clone();
+    let uploader = std::thread::spawn(move || {
+        let piece = pattern(64 * 1024, 1);
+        while progress.load(std::sync::atomic::Ordering::SeqCst) < UPLOAD {
+            // Paced: the whole upload takes over a second, the answer comes at once.
+            if writer.write_all(&piece).is_err() {
+                return;
+            }
+            progress.fetch_add(piece.len(), std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    });
+    let (status, _) = read_head(&mut reader).expect("an answer");
+    let at = written.load(std::sync::atomic::Ordering::SeqCst);
+    drop(reader);
+    let _ = uploader.join();
+    (status, at)
+}
+
+/// RFC 9112 §9.5: a backend may answer before the request body is complete. The answer
+/// reaches the client while it is still uploading (the rest of the body is not forwarded),
+/// and a backend that then closes with the body unread (a reset) has answered, not failed:
+/// the client gets its 413, not a 502, and no upload can get a healthy backend ejected.
+#[test]
+fn a_backend_answering_an_upload_early_is_relayed_at_once_and_not_counted_as_failing() {
+    let backend = early_answering_backend();
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    for path in ["/then-read", "/then-close"] {
+        for _ in 0..4 {
+            let (status, written) = upload_until_answered(&balancer, path);
+            assert_eq!(status, 413, "{path}");
+            assert!(
+                written < 4 * 1024 * 1024,
+                "{path}: the answer came only after the whole upload"
+            );
+        }
+    }
+    assert_eq!(
+        balancer.metric("balancer_ejected_servers"),
+        Some(0.0),
+        "early answers are not failures"
+    );
+    let resp = get(balancer.addr, "/then-read");
+    assert_eq!(resp.status, 413, "the backend still serves");
+}
