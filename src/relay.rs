@@ -741,33 +741,23 @@ mod tests {
 
     #[test]
     fn an_early_answer_is_a_final_status_or_anything_that_is_not_a_status_line() {
-        for bytes in [
-            &b"HTTP/1.1 413"[..],
-            b"HTTP/1.0 401 No",
-            b"HTTP/1.1 200",
-            b"junk",
-            b"HTTP/2",
-        ] {
-            assert!(
-                starts_final_status(bytes),
-                "{:?}",
-                String::from_utf8_lossy(bytes)
-            );
-        }
-        // Interim answers, and status lines too short to tell yet.
-        for bytes in [
-            &b"HTTP/1.1 100 Continue"[..],
-            b"HTTP/1.1 103",
-            b"HTTP/1.1 ",
-            b"HTTP/1.",
-            b"H",
-            b"",
-        ] {
-            assert!(
-                !starts_final_status(bytes),
-                "{:?}",
-                String::from_utf8_lossy(bytes)
-            );
+        let cases: [(&[u8], bool); 11] = [
+            (b"HTTP/1.1 413", true),
+            (b"HTTP/1.0 401 No", true),
+            (b"HTTP/1.1 200", true),
+            (b"junk", true),
+            (b"HTTP/2", true),
+            // Interim answers, and status lines too short to tell yet.
+            (b"HTTP/1.1 100 Continue", false),
+            (b"HTTP/1.1 103", false),
+            (b"HTTP/1.1 ", false),
+            (b"HTTP/1.", false),
+            (b"H", false),
+            (b"", false),
+        ];
+        for (bytes, expected) in cases {
+            let shown = String::from_utf8_lossy(bytes);
+            assert_eq!(starts_final_status(bytes), expected, "{shown:?}");
         }
     }
 
