@@ -125,10 +125,7 @@ async fn read_response_head(
 /// (they are relayed ahead of the final one).
 fn answered_early(upstream: &mut Upstream) -> bool {
     if !upstream.conn.has_pending() {
-        if !upstream.conn.stream.may_have_input() {
-            return false;
-        }
-        match upstream.conn.try_fill() {
+        match upstream.conn.take_reported_input() {
             Ok(Some(n)) if n > 0 => {}
             Ok(None) => return false,
             // Closed or failed: reading the answer will tell what (if anything) came.

@@ -118,21 +118,24 @@ impl Conn {
     /// carry another exchange. Costs a recv(2) only when the read poll has reported something
     /// since the connection was last drained.
     pub fn arrived_while_idle(&mut self) -> bool {
-        if self.has_pending() {
-            return true;
-        }
+        self.has_pending() || !matches!(self.take_reported_input(), Ok(None))
+    }
+
+    /// Reads (without waiting) whatever arrived since the socket was last drained, when its
+    /// read poll has reported anything; no system call otherwise. `Ok(None)`: nothing came,
+    /// and the socket counts as drained again, so a stale report costs one recv(2), not one
+    /// per call. `Ok(Some(0))`: the peer closed.
+    pub fn take_reported_input(&mut self) -> io::Result<Option<usize>> {
         if !self.stream.may_have_input() {
-            return false;
+            return Ok(None);
         }
-        let mut probe = [0u8; 1];
-        match recv_now(&self.stream, probe.as_mut_ptr(), probe.len()) {
-            Ok(None) => {
-                // A completion for bytes that were read already: nothing new.
-                self.stream.assume_drained();
-                false
-            }
-            Ok(Some(_)) | Err(_) => true,
+        let had_room = self.end < self.buf.len() || self.start > 0;
+        let got = self.try_fill()?;
+        if got.is_none() && had_room {
+            // A completion for bytes that were read already: nothing new.
+            self.stream.assume_drained();
         }
+        Ok(got)
     }
 
     /// Reads whatever the socket holds right now (at most `max` bytes) straight into `dst`'s
