@@ -219,13 +219,14 @@ fn parse_document(text: &str) -> Result<Value, Rejection> {
         Ok(document) => return Ok(document),
         Err(e) => e,
     };
+    let first_message = first.to_string();
     let mut rewritten = text.to_owned();
-    let mut error = first.to_string();
+    let mut error = first;
     for _ in 0..MAX_OUT_OF_RANGE {
-        if !error.starts_with("number out of range") {
+        if !error.to_string().starts_with("number out of range") {
             break;
         }
-        let Some(span) = number_at(&rewritten, &error) else {
+        let Some(span) = number_at(&rewritten, error.line(), error.column()) else {
             break;
         };
         let number = rewritten[span.clone()].to_owned();
@@ -233,19 +234,16 @@ fn parse_document(text: &str) -> Result<Value, Rejection> {
         rewritten.replace_range(span, &format!("\"\\u0000{}{number}\"", &OUT_OF_RANGE[1..]));
         match serde_json::from_str(&rewritten) {
             Ok(document) => return Ok(document),
-            Err(e) => error = e.to_string(),
+            Err(e) => error = e,
         }
     }
     // Positions in later errors refer to the rewritten text: report the first one.
-    Err(Rejection::NotJson(first.to_string()))
+    Err(Rejection::NotJson(first_message))
 }
 
-/// The byte range of the JSON number that serde_json's `error` ("... at line L column C")
-/// points into.
-fn number_at(text: &str, error: &str) -> Option<std::ops::Range<usize>> {
-    let (_, position) = error.rsplit_once(" at line ")?;
-    let (line, column) = position.split_once(" column ")?;
-    let (line, column): (usize, usize) = (line.parse().ok()?, column.parse().ok()?);
+/// The byte range of the JSON number at serde_json's error position (1-based `line`,
+/// `column`).
+fn number_at(text: &str, line: usize, column: usize) -> Option<std::ops::Range<usize>> {
     let line_start = if line <= 1 {
         0
     } else {
