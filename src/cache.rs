@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use slab::{List, Slab, NIL};
 
+pub mod flights;
 #[doc(hidden)]
 pub mod lru_baseline;
 mod rules;

@@ -1,39 +1,77 @@
 //! The cache in front of the proxy: serve hits, and coalesce concurrent misses for one key.
 //!
-//! The first miss for a key on a shard becomes the *leader* and goes to a backend; later
-//! misses for the same key wait (at most `REQUEST_TIMEOUT`) for the leader to finish, then look
-//! again. If the leader's response was stored they are served from the cache; if not, they
-//! are forwarded normally — a waiter is never failed because of the leader.
+//! The first miss for a key on a shard leads and goes to a backend; later misses for the
+//! same key wait for it (see `cache::flights`), then look again. If the leader's response was
+//! stored they are served from the cache; if it may not be stored, they are released as soon
+//! as its head says so and forwarded themselves, and the key's next misses skip the wait for a
+//! while. A waiter waits at most `REQUEST_TIMEOUT`; one whose leader timed out waiting for a
+//! response head has only the rest of its own `REQUEST_TIMEOUT` left, so a silent backend
+//! costs it one timeout, not two.
 
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::cache::flights::{Flight, FlightEnd, Join};
 use crate::cache::{is_cacheable_request, CacheKey, CachedResponse, Lookup};
 use crate::http::{RequestFraming, RequestHead, Version};
 use crate::proxy::{CacheCandidate, Next};
-use crate::shard::{Shard, Signal};
+use crate::shard::Shard;
 use crate::stream::Conn;
+
+/// Below this much of its `REQUEST_TIMEOUT` left, a waiter whose leader timed out answers 504
+/// at once rather than try a backend it cannot wait for.
+const MIN_HEAD_WAIT: Duration = Duration::from_millis(1);
 
 /// What the cache decided for one request.
 pub enum CacheStep {
     /// Answered from the cache.
     Served(Next),
-    /// Go to a backend. A candidate means the response may be stored; a guard means this
-    /// request leads the misses for its key (dropping the guard releases the waiters).
-    Forward(Option<CacheCandidate>, Option<FlightGuard>),
+    /// Go to a backend.
+    Forward(Forward),
+    /// It waited its whole `REQUEST_TIMEOUT` on a leader that got no response head: 504.
+    TimedOut,
 }
 
-/// Held by the leading miss; on drop (whatever the outcome) wakes the waiters.
+/// How to forward a request the cache did not answer.
+pub struct Forward {
+    /// Present when the response may be stored.
+    pub candidate: Option<CacheCandidate>,
+    /// Present when this request leads the misses for its key.
+    pub flight: Option<FlightGuard>,
+    /// How long to wait for the response head: `REQUEST_TIMEOUT`, or what is left of it.
+    pub head_timeout: Duration,
+}
+
+impl Forward {
+    fn plain(shard: &Shard, candidate: Option<CacheCandidate>) -> Self {
+        Forward {
+            candidate,
+            flight: None,
+            head_timeout: shard.config.request_timeout,
+        }
+    }
+}
+
+/// Held by the leading miss. The exchange ends it as soon as it knows how (dropping it ends it
+/// as `Done`), which wakes the waiters.
 pub struct FlightGuard {
     shard: Rc<Shard>,
     key: CacheKey,
-    signal: Rc<Signal>,
+    flight: Rc<Flight>,
+}
+
+impl FlightGuard {
+    pub fn end(&self, end: FlightEnd) {
+        self.shard
+            .flights
+            .borrow_mut()
+            .end(&self.key, &self.flight, end, glommio::timer::now());
+    }
 }
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        self.shard.flights.borrow_mut().remove(&self.key);
-        self.signal.fire();
+        self.end(FlightEnd::Done);
     }
 }
 
@@ -52,7 +90,7 @@ pub async fn consult(
         )
         && is_cacheable_request(head.method(buf), head.path(buf), head.has_authorization);
     if !cacheable {
-        return CacheStep::Forward(None, None);
+        return CacheStep::Forward(Forward::plain(shard, None));
     }
     let host = head.host_for_key(buf);
     let target = head.path(buf);
@@ -67,34 +105,50 @@ pub async fn consult(
         accept_encoding: accept_encoding.map(<[u8]>::to_vec),
     };
     let key = CacheKey::new(&candidate.host, &candidate.target);
-    let leader = shard.flights.borrow().get(&key).cloned();
-    match leader {
-        Some(signal) => {
-            let wait = async {
-                signal.wait().await;
-                Ok(())
-            };
-            let _ = glommio::timer::timeout(shard.config.request_timeout, wait).await;
+    // A HEAD's response is not stored, so GETs must not wait for one.
+    let join = shard
+        .flights
+        .borrow_mut()
+        .join(&key, !head.is_head, glommio::timer::now());
+    match join {
+        Join::Wait(flight) => {
+            let deadline = started + shard.config.request_timeout;
+            let waited = glommio::timer::timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                async {
+                    flight.ended().await;
+                    Ok(())
+                },
+            )
+            .await;
             let ae = candidate.accept_encoding.as_deref();
             if let Some(entry) = get(shard, &candidate.host, &candidate.target, ae) {
                 return CacheStep::Served(serve_hit(shard, client, head, &entry, started).await);
             }
             shard.metrics.cache_misses.inc();
-            CacheStep::Forward(Some(candidate), None)
+            let mut forward = Forward::plain(shard, Some(candidate));
+            if waited.is_ok() && flight.end() == FlightEnd::TimedOut {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left < MIN_HEAD_WAIT {
+                    return CacheStep::TimedOut;
+                }
+                forward.head_timeout = left;
+            }
+            CacheStep::Forward(forward)
         }
-        None => {
+        Join::Pass => {
             shard.metrics.cache_misses.inc();
-            let signal = Rc::new(Signal::default());
-            shard
-                .flights
-                .borrow_mut()
-                .insert(key.clone(), signal.clone());
-            let guard = FlightGuard {
+            CacheStep::Forward(Forward::plain(shard, Some(candidate)))
+        }
+        Join::Lead(flight) => {
+            shard.metrics.cache_misses.inc();
+            let mut forward = Forward::plain(shard, Some(candidate));
+            forward.flight = Some(FlightGuard {
                 shard: shard.clone(),
                 key,
-                signal,
-            };
-            CacheStep::Forward(Some(candidate), Some(guard))
+                flight,
+            });
+            CacheStep::Forward(forward)
         }
     }
 }

@@ -14,13 +14,14 @@ use log::debug;
 
 use crate::balancer::{Outcome, Pick};
 use crate::body::ChunkedDecoder;
+use crate::cache::flights::FlightEnd;
 use crate::cache::{storability, CachedResponse, Storability};
 use crate::client::{connect, Upstream, UpstreamError};
 use crate::http::{
     parse_request, write_error_response, write_forward_request, HttpError, RequestFraming,
     RequestHead,
 };
-use crate::lookup::CacheStep;
+use crate::lookup::{CacheStep, FlightGuard};
 use crate::metrics::ErrorKind;
 use crate::relay::{relay_response, Relayed};
 use crate::shard::Shard;
@@ -229,9 +230,13 @@ async fn handle_request(
     client_ip: IpAddr,
     started: Instant,
 ) -> Next {
-    let (candidate, _flight) = match crate::lookup::consult(shard, client, head, started).await {
+    let forward = match crate::lookup::consult(shard, client, head, started).await {
         CacheStep::Served(next) => return next,
-        CacheStep::Forward(candidate, flight) => (candidate, flight),
+        CacheStep::TimedOut => {
+            respond_error(shard, client, 504, false, started).await;
+            return Next::Linger;
+        }
+        CacheStep::Forward(forward) => forward,
     };
 
     // The request as the backend will see it, built once and replayed on retries.
@@ -301,7 +306,9 @@ async fn handle_request(
             head,
             request: &request[..],
             plan,
-            candidate: candidate.as_ref(),
+            candidate: forward.candidate.as_ref(),
+            flight: forward.flight.as_ref(),
+            head_timeout: forward.head_timeout,
             started,
         };
         let result = exchange.run(client, &pick).await;
@@ -337,7 +344,12 @@ async fn handle_request(
                 if let Some(s) = &stats {
                     s.error(error.kind);
                 }
-                record(shard, &pick, Outcome::Failure);
+                // A waiter on a timed-out cache miss had less than REQUEST_TIMEOUT: running
+                // out of it says nothing against the server.
+                let shortened = forward.head_timeout < shard.config.request_timeout;
+                if !(error.kind == ErrorKind::Timeout && shortened) {
+                    record(shard, &pick, Outcome::Failure);
+                }
                 // A failed connect sent nothing, so anything may go elsewhere; a reset after
                 // sending only idempotent requests without a body, and only before any
                 // response byte (a backend that began answering may have acted on it).
@@ -351,6 +363,9 @@ async fn handle_request(
                     };
                 if !retry {
                     let status = if error.kind == ErrorKind::Timeout {
+                        if let Some(flight) = &forward.flight {
+                            flight.end(FlightEnd::TimedOut);
+                        }
                         504
                     } else {
                         502
@@ -445,18 +460,19 @@ pub struct Exchange<'a> {
     pub request: &'a [u8],
     plan: BodyPlan,
     pub candidate: Option<&'a CacheCandidate>,
+    /// Present when this request leads the cache misses for its key.
+    pub flight: Option<&'a FlightGuard>,
+    pub head_timeout: Duration,
     pub started: Instant,
 }
 
 impl Exchange<'_> {
     async fn run(&self, client: &mut Conn, pick: &Pick) -> Result<Relayed, Failure> {
-        let shard = self.shard;
         let addr = pick.backend.addr;
         let replayable = self.plan == BodyPlan::Buffered;
         let mut upstream = self.checkout(addr, replayable).await?;
-        let request_timeout = shard.config.request_timeout;
         let outcome = self
-            .send_and_relay(client, &mut upstream, request_timeout)
+            .send_and_relay(client, &mut upstream, self.head_timeout)
             .await;
         match outcome {
             // A pooled connection the backend had already closed: the request never reached
@@ -466,7 +482,7 @@ impl Exchange<'_> {
             {
                 debug!("stale pooled connection to {addr}; retrying on a fresh one");
                 let mut fresh = self.connect(addr).await?;
-                self.send_and_relay(client, &mut fresh, request_timeout)
+                self.send_and_relay(client, &mut fresh, self.head_timeout)
                     .await
                     .map(|r| self.release(fresh, r))
             }
@@ -503,7 +519,7 @@ impl Exchange<'_> {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<Upstream, Failure> {
-        let timeout = self.shard.config.request_timeout.min(CONNECT_TIMEOUT);
+        let timeout = self.head_timeout.min(CONNECT_TIMEOUT);
         let upstream = connect(addr, timeout).await.map_err(Failure::Upstream)?;
         self.shard.metrics.upstream_created.inc();
         Ok(upstream)

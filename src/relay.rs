@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::body::ChunkedDecoder;
 use crate::buffers::{PooledBuffer, BODY_BUFFER};
+use crate::cache::flights::FlightEnd;
 use crate::cache::{Storability, StoredHeader};
 use crate::client::{Upstream, UpstreamError};
 use crate::http::{
@@ -172,9 +173,7 @@ pub async fn await_continue(
             Err(other) => return Err(other),
         }
         if !resp.interim {
-            let relayed =
-                relay_response(ex, client, upstream, ex.shard.config.request_timeout, false)
-                    .await?;
+            let relayed = relay_response(ex, client, upstream, ex.head_timeout, false).await?;
             return Ok(Continue::Answered(relayed));
         }
         let is_continue = resp.status == 100;
@@ -312,6 +311,9 @@ pub async fn relay_response(
 
     let pending = upstream.conn.pending();
     let mut store_plan = plan_store(ex, &resp, pending);
+    if store_plan.is_none() {
+        end_flight_unstored(ex);
+    }
     let large_body = splices_after_small_head_read(resp.framing, store_plan.is_some());
     let extra: &[(&str, &str)] = if ex.candidate.is_some() {
         &[("X-Cache", "MISS")]
@@ -351,8 +353,10 @@ pub async fn relay_response(
             Ok(Relayed::cut_short(status, Some(kind)))
         }
         Ok(BodyEnd::Complete) => {
-            if let (Some(candidate), Some(plan)) = (ex.candidate, store_plan) {
-                store(shard, candidate, status, plan);
+            match (ex.candidate, store_plan) {
+                (Some(candidate), Some(plan)) => store(shard, candidate, status, plan),
+                // Over CACHE_MAX_OBJECT_BYTES only once its body arrived.
+                _ => end_flight_unstored(ex),
             }
             let next = if keep_alive {
                 Next::KeepAlive
@@ -371,6 +375,14 @@ pub async fn relay_response(
                 backend_error: None,
             })
         }
+    }
+}
+
+/// Releases the requests waiting on this cache miss to go to a backend themselves, at once:
+/// nothing will be stored for them to wait for.
+fn end_flight_unstored(ex: &Exchange<'_>) {
+    if let Some(flight) = ex.flight {
+        flight.end(FlightEnd::NotStored);
     }
 }
 

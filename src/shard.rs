@@ -21,7 +21,8 @@ use log::{debug, info, warn};
 
 use crate::balancer::{Backend, Balancer, Pick};
 use crate::buffers::{BufferPool, BODY_BUFFER};
-use crate::cache::{shard_capacity, Cache, CacheKey};
+use crate::cache::flights::{Flights, MAX_PASS_MEMORY};
+use crate::cache::{shard_capacity, Cache};
 use crate::client::Pool;
 use crate::config::Config;
 use crate::metrics::{BackendStats, ShardMetrics};
@@ -205,8 +206,8 @@ pub struct Shard {
     pub metrics: Arc<ShardMetrics>,
     pub shutdown: Signal,
     pub active_connections: Cell<usize>,
-    /// Cache misses being fetched right now, by key: later misses wait for them.
-    pub flights: RefCell<HashMap<CacheKey, Rc<Signal>>>,
+    /// Cache misses being fetched right now, and keys not worth waiting on (see `flights`).
+    pub flights: RefCell<Flights>,
     /// Large buffers for streaming response bodies (see `buffers`).
     pub body_buffers: BufferPool,
     /// Receive buffers of client connections.
@@ -339,7 +340,7 @@ pub fn start(
                     metrics: thread_metrics,
                     shutdown: Signal::default(),
                     active_connections: Cell::new(0),
-                    flights: RefCell::new(HashMap::new()),
+                    flights: RefCell::new(Flights::new(config.cache_ttl.min(MAX_PASS_MEMORY))),
                     body_buffers: BufferPool::new(BODY_BUFFER, 32),
                     client_buffers: BufferPool::new(CLIENT_BUFFER, 256),
                     pipes: PipePool::default(),

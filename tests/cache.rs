@@ -1099,3 +1099,167 @@ fn waiters_are_forwarded_when_the_leader_response_is_not_storable() {
         "every waiter was forwarded to the backend"
     );
 }
+
+#[test]
+fn waiters_are_released_by_an_unstorable_head_before_its_body_arrives() {
+    let first = Arc::new(AtomicBool::new(true));
+    let backend = Backend::start(Arc::new(move |seen: &Seen| {
+        let body = body_for(&seen.target);
+        let reply = response("200 OK", &[("Cache-Control", "private")], body.as_bytes());
+        if first.swap(false, SeqCst) {
+            // The leader's head says "not storable" at once; its body comes much later.
+            let split = reply.len() - body.len();
+            Reply::Paced(vec![
+                (Duration::from_millis(200), reply[..split].to_vec()),
+                (Duration::from_secs(4), reply[split..].to_vec()),
+            ])
+        } else {
+            Reply::Bytes(reply)
+        }
+    }));
+    let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
+
+    let mut clients = concurrent_gets(&lb, "/private.css", 4);
+    eventually("every waiter reaches the backend", || {
+        backend.requests() == 4
+    });
+    let leader = clients
+        .iter()
+        .position(|c| !c.is_finished())
+        .expect("the leader's body is still held back");
+    let leader = clients.remove(leader);
+    for (i, client) in clients.into_iter().enumerate() {
+        let r = client.join().expect("client thread");
+        assert_eq!(r.status, 200, "waiter {i}");
+        assert_eq!(r.text(), body_for("/private.css"), "waiter {i}");
+    }
+    assert!(
+        !leader.is_finished(),
+        "the waiters did not wait for the leader's body"
+    );
+    let r = leader.join().expect("leader thread");
+    assert_eq!(r.text(), body_for("/private.css"));
+}
+
+#[test]
+fn a_key_whose_response_was_not_storable_is_fetched_concurrently_next_time() {
+    let gate = Arc::new(Gate::default());
+    let held = gate.clone();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let holding = Arc::new(AtomicUsize::new(0));
+    let (counted, held_now) = (calls.clone(), holding.clone());
+    let backend = Backend::start(Arc::new(move |seen: &Seen| {
+        if counted.fetch_add(1, SeqCst) > 0 {
+            held_now.fetch_add(1, SeqCst);
+            held.wait();
+        }
+        Reply::Bytes(response(
+            "404 Not Found",
+            &[],
+            body_for(&seen.target).as_bytes(),
+        ))
+    }));
+    let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
+
+    assert_eq!(fetch(&lb, "/missing.css").status, 404);
+    // The 404 was not stored: the next misses go to the backend together, not one by one.
+    let clients = concurrent_gets(&lb, "/missing.css", 5);
+    // Bounded well inside the gate's own limit, which would release a queue of them too.
+    let deadline = Instant::now() + WAIT / 2;
+    while holding.load(SeqCst) < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        holding.load(SeqCst),
+        5,
+        "the five misses reached the backend together"
+    );
+    gate.open();
+    for (i, client) in clients.into_iter().enumerate() {
+        assert_eq!(
+            client.join().expect("client thread").status,
+            404,
+            "client {i}"
+        );
+    }
+}
+
+#[test]
+fn a_head_miss_does_not_make_gets_wait_for_it() {
+    let gate = Arc::new(Gate::default());
+    let held = gate.clone();
+    let head_answered = Arc::new(AtomicBool::new(false));
+    let get_came_first = Arc::new(AtomicBool::new(false));
+    let (answered, first) = (head_answered.clone(), get_came_first.clone());
+    let backend = Backend::start(Arc::new(move |seen: &Seen| {
+        if seen.method == "HEAD" {
+            held.wait();
+            answered.store(true, SeqCst);
+        } else {
+            first.store(!answered.load(SeqCst), SeqCst);
+        }
+        Reply::Bytes(response(
+            "200 OK",
+            &[("Cache-Control", "max-age=300")],
+            body_for(&seen.target).as_bytes(),
+        ))
+    }));
+    let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
+
+    let mut head = connect(lb.addr);
+    head.write_all(raw_request("HEAD", "/both.css", &[], true).as_bytes())
+        .unwrap();
+    eventually("the HEAD reaches the backend", || backend.requests() == 1);
+    let get = fetch(&lb, "/both.css");
+    gate.open();
+    assert_eq!(get.status, 200);
+    assert_eq!(get.text(), body_for("/both.css"));
+    assert!(
+        get_came_first.load(SeqCst),
+        "the GET waited for the HEAD's answer"
+    );
+    let answer = read_response(&mut BufReader::new(head), true).expect("HEAD answered");
+    assert_eq!(answer.status, 200);
+    // The GET's response was stored; the HEAD's could not have been.
+    assert_eq!(x_cache(&fetch(&lb, "/both.css")), Some("HIT"));
+}
+
+#[test]
+fn waiters_on_a_timed_out_miss_get_504_within_their_own_request_timeout() {
+    let gate = Arc::new(Gate::default());
+    let held = gate.clone();
+    let backend = Backend::start(Arc::new(move |seen: &Seen| {
+        held.wait();
+        Reply::Bytes(response("200 OK", &[], body_for(&seen.target).as_bytes()))
+    }));
+    let lb = balancer(
+        &backend,
+        &[("BALANCER_CPUS", "0"), ("REQUEST_TIMEOUT", "2")],
+    );
+
+    let leader = concurrent_gets(&lb, "/slow.css", 1);
+    eventually("the leader reaches the backend", || backend.requests() == 1);
+    std::thread::sleep(Duration::from_millis(600));
+    let asked = Instant::now();
+    let waiters = concurrent_gets(&lb, "/slow.css", 3);
+    for (i, client) in leader.into_iter().chain(waiters).enumerate() {
+        assert_eq!(
+            client.join().expect("client thread").status,
+            504,
+            "client {i}"
+        );
+    }
+    // Each waiter waited ~1.4 s for the leader, then tried the backend for the ~0.6 s left of
+    // its REQUEST_TIMEOUT (not 2 s more: 3.4 s in all).
+    let waited = asked.elapsed();
+    gate.open();
+    assert!(
+        waited < Duration::from_millis(2900),
+        "waiters answered after {waited:?}"
+    );
+    assert_eq!(backend.requests(), 4, "each waiter tried the backend once");
+    // Running out of a shortened REQUEST_TIMEOUT is not held against the server.
+    let (_, servers) = lb.admin_get("/servers");
+    let doc: serde_json::Value = serde_json::from_str(&servers).expect("/servers is JSON");
+    assert_eq!(doc["servers"][0]["ejected_shards"], 0, "{servers}");
+}
