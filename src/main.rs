@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log::{info, warn};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use balancer::admin::{self, Status};
 use balancer::config::{help_text, version_text, Config, ConfigError};
@@ -33,6 +35,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    // First, so that a SIGTERM arriving while the process starts drains it like any other
+    // rather than killing it with the default action.
+    let signals = match Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("balancer: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => return config_error(&e),
@@ -68,7 +79,7 @@ fn main() -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         config.summary()
     );
-    match run(config, initial) {
+    match run(config, initial, signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("balancer: {message}");
@@ -82,7 +93,7 @@ fn config_error(e: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn run(config: Config, initial: Update) -> Result<(), String> {
+fn run(config: Config, initial: Update, signals: Signals) -> Result<(), String> {
     if let Some(limit) = memlock_limit() {
         if limit < MIN_MEMLOCK {
             return Err(StartupError::MemlockTooLow(limit).to_string());
@@ -162,7 +173,7 @@ fn run(config: Config, initial: Update) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     }
 
-    wait_for_signal(&shards)?;
+    wait_for_signal(signals, &shards)?;
     info!(
         "shutting down: no new connections, draining in-flight requests (up to {}s)",
         shard::DRAIN_TIMEOUT.as_secs()
@@ -185,10 +196,7 @@ fn stop(shards: &[RunningShard]) {
 }
 
 /// Blocks until SIGTERM or SIGINT; an error if a shard stops on its own first.
-fn wait_for_signal(shards: &[RunningShard]) -> Result<(), String> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+fn wait_for_signal(mut signals: Signals, shards: &[RunningShard]) -> Result<(), String> {
     loop {
         if let Some(signal) = signals.pending().next() {
             info!(

@@ -315,3 +315,45 @@ fn connection_opened_before_sigterm_gets_its_first_request_served() {
     assert_eq!(resp.status, 200);
     assert_eq!(balancer.wait_exit(EXIT_LIMIT), Some(0));
 }
+
+#[test]
+fn sigterm_while_the_process_starts_drains_it_and_exits_0() {
+    // The signal goes out the moment the first log line appears, before any shard has started:
+    // a process that installed its handlers only once serving was killed by it (status 143).
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_balancer"))
+        .env_clear()
+        .env("HOST_PORT_HTTP_BALANCER", "0")
+        .env("ADMIN_PORT", "0")
+        .env("BALANCER_BIND", "127.0.0.1")
+        .env("BALANCER_CPUS", "0")
+        .env(
+            "BACKENDS",
+            server_set(&[("127.0.0.1:9".parse().unwrap(), 1.0)]),
+        )
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let pid = child.id() as libc::pid_t;
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
+    let mut first = String::new();
+    stderr.read_line(&mut first).expect("a first log line");
+    assert!(first.contains("starting balancer"), "{first}");
+    // SAFETY: kill(2) on our own child, which has not been waited for, so its pid is still ours.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+
+    let deadline = Instant::now() + EXIT_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waitable") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut rest = String::new();
+    let _ = stderr.read_to_string(&mut rest);
+    assert_eq!(status.code(), Some(0), "{status:?}; log:\n{first}{rest}");
+    assert!(rest.contains("received SIGTERM"), "{rest}");
+}
