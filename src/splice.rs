@@ -127,11 +127,10 @@ pub async fn splice_exact(
             Ok(n) => {
                 left -= n as u64;
                 pipe.held += n;
-                if left == 0 {
-                    // The whole announced body is in: nothing more is due from the backend
-                    // before the next request, so its next read need not try first.
-                    from.assume_drained();
-                }
+                // Not `assume_drained` once the whole body is in, although nothing more is
+                // due: a backend may have sent more than it announced, and those bytes must
+                // keep the socket readable so the pool sees them and never hands the
+                // connection to another exchange.
             }
             Err(e) if e.kind() == io::ErrorKind::TimedOut => return Spliced::BackendTimedOut,
             Err(_) => return Spliced::BackendFailed,

@@ -511,6 +511,75 @@ fn bytes_a_backend_sends_on_an_idle_pooled_connection_never_reach_a_client() {
     }
 }
 
+/// A backend whose `/large-then-stray` answer is a body large enough to be spliced, followed in
+/// the same write by a response nobody asked for; `/large-overlong` sends 100 bytes more than its
+/// Content-Length. Any other path gets `for {path}`.
+fn backend_overrunning_large_bodies() -> RawBackend {
+    RawBackend::start(Arc::new(|conn: std::net::TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        while let Some((_method, path, _headers)) = read_request(&mut reader) {
+            let reply = match path.as_str() {
+                "/large-then-stray" | "/large-overlong" => {
+                    let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {LARGE}\r\n\r\n")
+                        .into_bytes();
+                    r.extend_from_slice(&pattern(LARGE, 3));
+                    if path == "/large-then-stray" {
+                        r.extend_from_slice(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Stray: 1\r\n\r\nstray",
+                        );
+                    } else {
+                        r.extend_from_slice(&[b'x'; 100]);
+                    }
+                    r
+                }
+                _ => {
+                    let body = format!("for {path}");
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                        .into_bytes()
+                }
+            };
+            if writer.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    }))
+}
+
+/// Large enough to be spliced (not copied through user space).
+const LARGE: usize = 200_000;
+
+#[test]
+fn bytes_a_backend_sends_beyond_a_spliced_body_never_reach_a_client() {
+    let backend = backend_overrunning_large_bodies();
+    let lb = Balancer::serving(&[(backend.addr, 1.0)]);
+    for round in 0..3 {
+        for overrun in ["/large-then-stray", "/large-overlong"] {
+            // One after the other on new client connections (the backend connection pooled)...
+            let large = get(lb.addr, overrun);
+            assert_eq!(large.status, 200, "{overrun}");
+            assert_eq!(hash(&large.body), hash(&pattern(LARGE, 3)), "{overrun}");
+            let next = get(lb.addr, &format!("/next-{round}"));
+            assert_eq!(next.status, 200, "after {overrun}: {}", next.text());
+            assert_eq!(next.text(), format!("for /next-{round}"), "after {overrun}");
+            assert_eq!(next.header("X-Stray"), None);
+
+            // ...and pipelined on one client connection.
+            let mut client = connect(lb.addr);
+            let pipelined = format!(
+                "GET {overrun} HTTP/1.1\r\nHost: t\r\n\r\nGET /piped-{round} HTTP/1.1\r\nHost: t\r\n\r\n"
+            );
+            client.write_all(pipelined.as_bytes()).unwrap();
+            let mut reader = BufReader::new(client);
+            let large = read_response(&mut reader, false).expect("the large response");
+            assert_eq!(hash(&large.body), hash(&pattern(LARGE, 3)), "{overrun}");
+            let piped = read_response(&mut reader, false).expect("the pipelined response");
+            assert_eq!(piped.status, 200, "after {overrun}: {}", piped.text());
+            assert_eq!(piped.text(), format!("for /piped-{round}"), "after {overrun}");
+        }
+    }
+}
+
 #[test]
 fn posts_on_connections_the_backend_closed_while_pooled_never_fail() {
     let backend = Backend::start(Arc::new(|_| {
