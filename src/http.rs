@@ -11,6 +11,7 @@ pub use write::{
     write_response_head,
 };
 
+use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
@@ -326,6 +327,26 @@ impl RequestHead {
         find(&self.headers, buf, name)
     }
 
+    /// Every line of a list-valued header as one value, joined with `,` as RFC 9110 §5.3
+    /// combines them; borrowed when there is a single line (the usual case).
+    pub fn combined_header<'a>(&self, buf: &'a [u8], name: &str) -> Option<Cow<'a, [u8]>> {
+        let mut lines = self
+            .headers
+            .iter()
+            .filter(|h| buf[h.name.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|h| &buf[h.value.clone()]);
+        let first = lines.next()?;
+        let Some(second) = lines.next() else {
+            return Some(Cow::Borrowed(first));
+        };
+        let mut joined = first.to_vec();
+        for line in std::iter::once(second).chain(lines) {
+            joined.push(b',');
+            joined.extend_from_slice(line);
+        }
+        Some(Cow::Owned(joined))
+    }
+
     /// The path and query; `/` for an absolute-form target with nothing after the authority.
     pub fn path<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
         match &buf[self.path.clone()] {
@@ -415,6 +436,19 @@ mod tests {
         Referer: https://shop.example.com/\r\n\
         Connection: keep-alive\r\n\
         Cookie: session=abc123\r\n\r\n";
+
+    #[test]
+    fn repeated_list_header_lines_combine_into_one_value() {
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\nX: 1\r\naccept-encoding: br, zstd\r\n\r\n";
+        let head = req(raw).unwrap();
+        let combined = head.combined_header(raw.as_bytes(), "accept-encoding");
+        assert_eq!(combined.as_deref(), Some(&b"gzip,br, zstd"[..]));
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\n\r\n";
+        let head = req(raw).unwrap();
+        let single = head.combined_header(raw.as_bytes(), "accept-encoding");
+        assert!(matches!(single, Some(Cow::Borrowed(b"gzip"))));
+        assert_eq!(head.combined_header(raw.as_bytes(), "te"), None);
+    }
 
     #[test]
     fn every_error_maps_to_its_status() {

@@ -94,7 +94,10 @@ pub async fn consult(
     }
     let host = head.host_for_key(buf);
     let target = head.path(buf);
-    let accept_encoding = head.header(buf, "accept-encoding");
+    // Every line of it: the backend sees them all, so a key made of the first alone would
+    // let `gzip` + `br` lines store a `br` body under `gzip`.
+    let accept_encoding = head.combined_header(buf, "accept-encoding");
+    let accept_encoding = accept_encoding.as_deref();
     // A hit is looked up from the request's own bytes; only a miss copies them out.
     if let Some(entry) = get(shard, host, target, accept_encoding) {
         return CacheStep::Served(serve_hit(shard, client, head, &entry, started).await);

@@ -635,6 +635,37 @@ fn vary_accept_encoding_stores_one_entry_per_encoding() {
 }
 
 #[test]
+fn repeated_accept_encoding_lines_are_keyed_as_one_list() {
+    // The backend picks br when any Accept-Encoding line offers it, as servers do.
+    let backend = Backend::start(Arc::new(|seen: &Seen| {
+        let offers_br = seen
+            .headers
+            .iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case("accept-encoding") && v.contains("br"));
+        let encoding = if offers_br { "br" } else { "gzip" };
+        Reply::Bytes(response(
+            "200 OK",
+            &[("Vary", "Accept-Encoding"), ("Content-Encoding", encoding)],
+            encoding.as_bytes(),
+        ))
+    }));
+    let lb = balancer(&backend, &[]);
+    let two_lines = [("Accept-Encoding", "gzip"), ("Accept-Encoding", "br")];
+    let r = send(&lb, "GET", "/ae.js", &two_lines);
+    assert_eq!((x_cache(&r), r.text().as_str()), (Some("MISS"), "br"));
+    // Stored for "gzip,br", not for the first line's "gzip": a gzip-only client is not served br.
+    let r = send(&lb, "GET", "/ae.js", &[("Accept-Encoding", "gzip")]);
+    assert_eq!((x_cache(&r), r.text().as_str()), (Some("MISS"), "gzip"));
+    let r = send(&lb, "GET", "/ae.js", &[("Accept-Encoding", "gzip, br")]);
+    assert_eq!((x_cache(&r), r.text().as_str()), (Some("HIT"), "br"));
+    let r = send(&lb, "GET", "/ae.js", &two_lines);
+    assert_eq!((x_cache(&r), r.text().as_str()), (Some("HIT"), "br"));
+    let r = send(&lb, "GET", "/ae.js", &[("Accept-Encoding", "gzip")]);
+    assert_eq!((x_cache(&r), r.text().as_str()), (Some("HIT"), "gzip"));
+    assert_eq!(backend.requests(), 2);
+}
+
+#[test]
 fn query_is_part_of_the_key() {
     let backend = origin(&[]);
     let lb = balancer(&backend, &[]);
