@@ -134,8 +134,10 @@ pub struct CachedResponse {
     pub headers: Vec<StoredHeader>,
     /// The whole body; the hit path re-frames it with `Content-Length`.
     pub body: Rc<[u8]>,
-    /// When it was stored: the origin of `Age`.
+    /// When it was stored.
     pub stored_at: Instant,
+    /// Its `Age` when it arrived, in seconds: a hit's `Age` is this plus its time stored.
+    pub age_on_arrival: u64,
     /// First instant at which it is no longer served.
     pub expires_at: Instant,
 }
@@ -159,13 +161,23 @@ impl CachedResponse {
             headers,
             body,
             stored_at: now,
+            age_on_arrival: 0,
             expires_at,
         }
     }
 
-    /// Whole seconds since it was stored: the value of the `Age` header on a hit.
+    /// The same response, which arrived `age` seconds old (RFC 9111 §4.2.3).
+    pub fn arrived_aged(self, age: u64) -> Self {
+        CachedResponse {
+            age_on_arrival: age,
+            ..self
+        }
+    }
+
+    /// The value of the `Age` header on a hit: its age on arrival plus whole seconds since.
     pub fn age(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.stored_at).as_secs()
+        self.age_on_arrival
+            .saturating_add(now.saturating_duration_since(self.stored_at).as_secs())
     }
 
     /// Expired at and after `expires_at`.

@@ -563,7 +563,8 @@ pub fn store(
 ) {
     let now = Instant::now();
     let body = Rc::from(plan.body.into_boxed_slice());
-    let response = CachedResponse::new(status, plan.headers, body, now, plan.ttl);
+    let response =
+        CachedResponse::new(status, plan.headers, body, now, plan.ttl).arrived_aged(plan.age);
     let mut cache = shard.cache.borrow_mut();
     cache.insert(
         &candidate.host,

@@ -409,6 +409,7 @@ fn plan_store(ex: &Exchange<'_>, resp: &ResponseHead, pending: &[u8]) -> Option<
         };
         if let Storability::Store {
             ttl,
+            age,
             vary_accept_encoding,
         } = cache_decision(shard, status, &headers, body_len)
         {
@@ -422,6 +423,7 @@ fn plan_store(ex: &Exchange<'_>, resp: &ResponseHead, pending: &[u8]) -> Option<
                 headers: kept,
                 vary_accept_encoding,
                 ttl,
+                age,
                 body: Vec::new(),
             });
         }
@@ -693,6 +695,8 @@ pub struct StorePlan {
     pub headers: Vec<StoredHeader>,
     pub vary_accept_encoding: bool,
     pub ttl: Duration,
+    /// Seconds old on arrival (its `Age`).
+    pub age: u64,
     pub body: Vec<u8>,
 }
 

@@ -249,6 +249,58 @@ fn age_counts_whole_seconds_since_the_entry_was_stored() {
 }
 
 #[test]
+fn a_response_that_arrives_aged_keeps_its_age_and_expires_by_it() {
+    let backend = Backend::start(Arc::new(|seen: &Seen| {
+        let lifetime = if seen.target.starts_with("/stale") {
+            "50"
+        } else {
+            "52"
+        };
+        Reply::Bytes(response(
+            "200 OK",
+            &[
+                ("Age", "50"),
+                ("Cache-Control", &format!("max-age={lifetime}")),
+            ],
+            body_for(&seen.target).as_bytes(),
+        ))
+    }));
+    let lb = balancer(&backend, &[]);
+    let age = |r: &Response| -> u64 { r.header("Age").expect("Age").parse().expect("integer") };
+
+    let miss = fetch(&lb, "/upstream-aged.css");
+    assert_eq!((x_cache(&miss), age(&miss)), (Some("MISS"), 50));
+    let hit = fetch(&lb, "/upstream-aged.css");
+    assert_eq!(x_cache(&hit), Some("HIT"));
+    assert!(
+        (50..52).contains(&age(&hit)),
+        "Age went back to {}",
+        age(&hit)
+    );
+    // 52 s of lifetime, 50 of them spent before it arrived: gone 2 s after it was stored.
+    std::thread::sleep(Duration::from_millis(2100));
+    let again = fetch(&lb, "/upstream-aged.css");
+    assert_eq!(x_cache(&again), Some("MISS"), "served past its lifetime");
+    assert_eq!(backend.requests(), 2);
+
+    // One whose Age already reaches its lifetime is not stored at all.
+    for _ in 0..2 {
+        assert_eq!(x_cache(&fetch(&lb, "/stale.css")), Some("MISS"));
+    }
+}
+
+#[test]
+fn a_backends_x_cache_never_doubles_the_balancers() {
+    let backend = origin(&[("X-Cache", "HIT from upstream")]);
+    let lb = balancer(&backend, &[]);
+    for expected in ["MISS", "HIT"] {
+        let r = fetch(&lb, "/x-cache.css");
+        assert_eq!(count_headers(&r, "X-Cache"), 1, "{r:?}");
+        assert_eq!(x_cache(&r), Some(expected));
+    }
+}
+
+#[test]
 fn hits_are_served_in_order_on_a_keep_alive_connection() {
     let backend = origin(&[]);
     let lb = balancer(&backend, &[]);

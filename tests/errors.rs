@@ -521,8 +521,8 @@ fn backend_overrunning_large_bodies() -> RawBackend {
         while let Some((_method, path, _headers)) = read_request(&mut reader) {
             let reply = match path.as_str() {
                 "/large-then-stray" | "/large-overlong" => {
-                    let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {LARGE}\r\n\r\n")
-                        .into_bytes();
+                    let mut r =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {LARGE}\r\n\r\n").into_bytes();
                     r.extend_from_slice(&pattern(LARGE, 3));
                     if path == "/large-then-stray" {
                         r.extend_from_slice(
@@ -535,8 +535,11 @@ fn backend_overrunning_large_bodies() -> RawBackend {
                 }
                 _ => {
                     let body = format!("for {path}");
-                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-                        .into_bytes()
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .into_bytes()
                 }
             };
             if writer.write_all(&reply).is_err() {
@@ -575,7 +578,11 @@ fn bytes_a_backend_sends_beyond_a_spliced_body_never_reach_a_client() {
             assert_eq!(hash(&large.body), hash(&pattern(LARGE, 3)), "{overrun}");
             let piped = read_response(&mut reader, false).expect("the pipelined response");
             assert_eq!(piped.status, 200, "after {overrun}: {}", piped.text());
-            assert_eq!(piped.text(), format!("for /piped-{round}"), "after {overrun}");
+            assert_eq!(
+                piped.text(),
+                format!("for /piped-{round}"),
+                "after {overrun}"
+            );
         }
     }
 }

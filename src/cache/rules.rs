@@ -35,8 +35,11 @@ pub fn is_cacheable_request(method: &[u8], target: &[u8], has_authorization: boo
 pub enum Storability {
     /// Store it for `ttl`; when `vary_accept_encoding`, the request's `Accept-Encoding` joins the key.
     Store {
-        /// Freshness lifetime: `s-maxage`, else `max-age`, else the default.
+        /// What is left of its freshness lifetime (`s-maxage`, else `max-age`, else the
+        /// default) once the `Age` it arrived with is taken off.
         ttl: Duration,
+        /// The `Age` it arrived with, in seconds (0 without one): hits add their time here.
+        age: u64,
         /// `Vary: Accept-Encoding` was present.
         vary_accept_encoding: bool,
     },
@@ -66,10 +69,13 @@ pub fn storability(
     if body_len.is_some_and(|n| n > max_bytes as u64) {
         return Storability::Skip("body is larger than cache_max_object_bytes");
     }
-    let (mut s_maxage, mut max_age) = (None, None);
+    let (mut s_maxage, mut max_age, mut age) = (None, None, None);
     let mut vary_accept_encoding = false;
     for &(name, value) in headers {
-        if name.eq_ignore_ascii_case(b"set-cookie") {
+        if name.eq_ignore_ascii_case(b"age") {
+            // RFC 9111 §5.1: the first line; an invalid value is ignored.
+            age = age.or_else(|| Some(delta_seconds(trim(value))));
+        } else if name.eq_ignore_ascii_case(b"set-cookie") {
             return Storability::Skip("response sets a cookie");
         } else if name.eq_ignore_ascii_case(b"vary") {
             for field in list_elements(value) {
@@ -97,14 +103,21 @@ pub fn storability(
             }
         }
     }
-    let ttl = s_maxage
+    let lifetime = s_maxage
         .or(max_age)
         .map_or(default_ttl, Duration::from_secs);
-    if ttl.is_zero() {
+    if lifetime.is_zero() {
         return Storability::Skip("lifetime is 0");
+    }
+    // RFC 9111 §4.2.3: a response that spent time in caches upstream arrives that much older.
+    let age = age.flatten().unwrap_or(0);
+    let ttl = lifetime.saturating_sub(Duration::from_secs(age));
+    if ttl.is_zero() {
+        return Storability::Skip("already stale: its age is at least its lifetime");
     }
     Storability::Store {
         ttl,
+        age,
         vary_accept_encoding,
     }
 }
@@ -184,9 +197,22 @@ mod tests {
     const MAX: usize = 1024;
 
     fn store(ttl: u64, vary: bool) -> Storability {
+        match aged(ttl, 0) {
+            Storability::Store { ttl, age, .. } => Storability::Store {
+                ttl,
+                age,
+                vary_accept_encoding: vary,
+            },
+            skip => skip,
+        }
+    }
+
+    /// Stored with `ttl` left of its lifetime, having arrived `age` seconds old.
+    fn aged(ttl: u64, age: u64) -> Storability {
         Storability::Store {
             ttl: Duration::from_secs(ttl),
-            vary_accept_encoding: vary,
+            age,
+            vary_accept_encoding: false,
         }
     }
 
@@ -276,6 +302,12 @@ mod tests {
             (200, &[("Vary", "Cookie")], Some(1), skip("vary names a field other than accept-encoding")),
             (200, &[("Vary", "Accept-Encoding"), ("Vary", "User-Agent")], Some(1), skip("vary names a field other than accept-encoding")),
             (200, &[("Cache-Control", "max-age=300")], Some(1), store(300, false)),
+            (200, &[("Cache-Control", "max-age=52"), ("Age", "50")], Some(1), aged(2, 50)),
+            (200, &[("Age", " 10 "), ("Age", "40")], Some(1), aged(50, 10)),
+            (200, &[("Age", "abc")], Some(1), store(60, false)),
+            (200, &[("Age", "-5")], Some(1), store(60, false)),
+            (200, &[("Cache-Control", "max-age=50"), ("Age", "50")], Some(1), skip("already stale: its age is at least its lifetime")),
+            (200, &[("Age", "99999999999999999999")], Some(1), skip("already stale: its age is at least its lifetime")),
             (200, &[("Cache-Control", "max-age=\"300\"")], Some(1), store(300, false)),
             (200, &[("Cache-Control", "s-maxage=10, max-age=300")], Some(1), store(10, false)),
             (200, &[("Cache-Control", "max-age=300"), ("Cache-Control", "S-MAXAGE=10")], Some(1), store(10, false)),

@@ -239,12 +239,24 @@ pub fn write_response_head(
             Field::ContentLength | Field::TransferEncoding if no_body_fields => continue,
             Field::ContentLength if head.framing != ResponseFraming::None || has_te => continue,
             Field::ContentLength => {}
-            Field::TransferEncoding if opts.dechunk => continue,
+            // RFC 9112 §6.1: never to an HTTP/1.0 client (a chunked body is de-chunked; a
+            // bodiless HEAD or 304 answer just loses the field).
+            Field::TransferEncoding if opts.dechunk || opts.client_version == Version::Http10 => {
+                continue
+            }
             Field::TransferEncoding if list(&buf[h.value.clone()]).next().is_none() => continue,
             Field::TransferEncoding => {}
             Field::Upgrade if head.upgraded => {}
             f if f.is_hop_by_hop() => continue,
             _ if check_named && named_by_connection(&head.headers, buf, name) => continue,
+            // The balancer's own (X-Cache) replaces a backend's field of the same name.
+            _ if opts
+                .extra
+                .iter()
+                .any(|(extra, _)| name.eq_ignore_ascii_case(extra.as_bytes())) =>
+            {
+                continue
+            }
             _ => {}
         }
         lines.push(out, buf, h);
@@ -559,6 +571,40 @@ mod tests {
         );
         let not_modified = "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n";
         assert_eq!(respond(not_modified, &KEEP), not_modified);
+    }
+
+    #[test]
+    fn an_http10_client_never_receives_transfer_encoding() {
+        let http10 = ResponseOptions {
+            client_version: Version::Http10,
+            ..KEEP
+        };
+        let head_answer = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX: 1\r\n\r\n";
+        let head = res(head_answer, true).unwrap();
+        let mut out = Vec::new();
+        write_response_head(&head, head_answer.as_bytes(), &http10, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nX: 1\r\nConnection: keep-alive\r\n\r\n"
+        );
+        let not_modified = "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            respond(not_modified, &http10),
+            "HTTP/1.1 304 Not Modified\r\nConnection: keep-alive\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn the_balancers_own_fields_replace_a_backends_of_the_same_name() {
+        let opts = ResponseOptions {
+            extra: &[("X-Cache", "MISS")],
+            ..KEEP
+        };
+        let raw = "HTTP/1.1 200 OK\r\nx-cache: HIT\r\nX-Other: 1\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            respond(raw, &opts),
+            "HTTP/1.1 200 OK\r\nX-Other: 1\r\nContent-Length: 0\r\nX-Cache: MISS\r\n\r\n"
+        );
     }
 
     /// Found by fuzzing (response_head): a HEAD or 304 answer went out with both
