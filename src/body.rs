@@ -2,12 +2,10 @@
 
 use std::fmt;
 
-/// Longest chunk-size line after the digits (whitespace and extensions).
+/// Longest chunk-size line after the digits (whitespace and extensions), and most digits.
 pub const MAX_CHUNK_EXT_BYTES: usize = 4 * 1024;
 /// Largest trailer section, final CRLF included.
 pub const MAX_TRAILER_BYTES: usize = 16 * 1024;
-/// Most hex digits in a chunk size: 16 fill a u64, so more could overflow.
-const MAX_SIZE_DIGITS: u8 = 16;
 
 /// The last chunk and an empty trailer section: ends a chunked body.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
@@ -15,7 +13,7 @@ pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 /// Why a chunked body was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyError {
-    /// Chunk size empty, not hex, over 16 digits, or its line not ended by CRLF.
+    /// Chunk size empty, not hex, over 64 bits, or its line not ended by CRLF.
     BadChunkSize,
     /// Chunk data not followed by CRLF, or the body not ended by CRLF.
     BadChunkTerminator,
@@ -44,7 +42,7 @@ impl std::error::Error for BodyError {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Reading the hex digits of a chunk size.
-    Size { digits: u8, size: u64 },
+    Size { digits: u16, size: u64 },
     /// After the digits: optional whitespace, then `;` or CR.
     SizeWs { size: u64, line: usize },
     /// Skipping chunk extensions up to CR.
@@ -152,7 +150,11 @@ impl ChunkedDecoder {
 fn step(state: State, b: u8, trailer_bytes: &mut usize) -> Result<State, BodyError> {
     Ok(match state {
         State::Size { digits, size } => match (hex(b), b) {
-            (Some(_), _) if digits == MAX_SIZE_DIGITS => return Err(BodyError::BadChunkSize),
+            // Leading zeros are allowed (chunk-size = 1*HEXDIG), as long as the line is bounded.
+            (Some(_), _) if size >> (64 - 4) != 0 => return Err(BodyError::BadChunkSize),
+            (Some(_), _) if usize::from(digits) >= MAX_CHUNK_EXT_BYTES => {
+                return Err(BodyError::LineTooLong)
+            }
             (Some(d), _) => State::Size {
                 digits: digits + 1,
                 size: size << 4 | u64::from(d),
@@ -378,6 +380,22 @@ mod tests {
         );
         assert_eq!(payload, b"abc");
         assert!(!decoder.is_done());
+    }
+
+    #[test]
+    fn a_size_may_have_leading_zeros_but_not_more_than_64_bits() {
+        let padded = b"000000000000000000000005\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(decode(padded).map(|r| r.2), Ok(true));
+        assert_eq!(
+            decode(b"10000000000000000\r\n"),
+            Err(BodyError::BadChunkSize),
+            "2^64 overflows"
+        );
+        let endless_zeros = "0".repeat(MAX_CHUNK_EXT_BYTES + 1);
+        assert_eq!(
+            decode(endless_zeros.as_bytes()),
+            Err(BodyError::LineTooLong)
+        );
     }
 
     #[test]

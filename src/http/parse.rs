@@ -51,7 +51,9 @@ pub fn parse_request(buf: &[u8], head: &mut RequestHead) -> Result<bool, HttpErr
     }
     // A URI is ASCII (RFC 9112 §3.2, RFC 3986), but httparse lets UTF-8 sequences through
     // (other bytes over 0x7f it refuses), and they would be forwarded as sent.
-    if !target.bytes().all(|b| b.is_ascii_graphic()) {
+    // A fragment is the client's own business (RFC 9112 §3.2 allows none in a request-target);
+    // a `#` here is a malformed or hostile request, as HAProxy also treats it.
+    if !target.bytes().all(|b| b.is_ascii_graphic() && b != b'#') {
         return Err(bad("invalid request-target"));
     }
     head.method = range_of(buf, method.as_bytes());
@@ -894,6 +896,9 @@ mod tests {
             "/x\u{e9}",
             &format!("{long}\u{e9}"),
             &format!("http://a{long}\u{e9}"),
+            "/page#section",
+            "/a.css?v=1#x",
+            "http://a/#",
         ] {
             let raw = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
             let mut head = RequestHead::default();
