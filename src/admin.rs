@@ -5,9 +5,9 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::debug;
 
@@ -79,7 +79,16 @@ pub fn bind(port: u16) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Serves admin requests until the process exits.
+/// Most admin connections served at once; past it a new one gets a 503 at once.
+const MAX_CONNECTIONS: usize = 32;
+/// A request head must arrive whole within this, however it trickles in.
+const HEAD_DEADLINE: Duration = Duration::from_secs(2);
+/// Each write of the answer must make progress within this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves admin requests until the process exits. Each connection has a thread of its own, so
+/// a client that is slow to send or to read (or many of them, up to `MAX_CONNECTIONS`) never
+/// delays another's `/healthz`.
 pub fn spawn(
     listener: TcpListener,
     status: Arc<Status>,
@@ -87,13 +96,10 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
+            let open = Arc::new(AtomicUsize::new(0));
             for stream in listener.incoming() {
                 match stream {
-                    Ok(stream) => {
-                        if let Err(e) = handle(stream, &status) {
-                            debug!("admin request failed: {e}");
-                        }
-                    }
+                    Ok(stream) => serve_concurrently(stream, &status, &open),
                     Err(e) => {
                         debug!("admin accept failed: {e}");
                         std::thread::sleep(Duration::from_millis(50));
@@ -103,13 +109,65 @@ pub fn spawn(
         })
 }
 
+fn serve_concurrently(mut stream: TcpStream, status: &Arc<Status>, open: &Arc<AtomicUsize>) {
+    if open.fetch_add(1, Relaxed) >= MAX_CONNECTIONS {
+        open.fetch_sub(1, Relaxed);
+        // Never blocks the accept loop: what does not fit the socket buffer is dropped.
+        let _ = stream.set_nonblocking(true);
+        let _ = respond(
+            &mut stream,
+            503,
+            "text/plain",
+            "too many admin connections\n",
+        );
+        return;
+    }
+    let (status, guard) = (status.clone(), OpenGuard(open.clone()));
+    let spawned = std::thread::Builder::new()
+        .name("admin-conn".into())
+        .spawn(move || {
+            let _guard = guard;
+            if let Err(e) = handle(stream, &status) {
+                debug!("admin request failed: {e}");
+            }
+        });
+    if let Err(e) = spawned {
+        debug!("cannot start an admin connection thread: {e}");
+    }
+}
+
+/// Counts a connection out when its thread ends, whichever way.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 fn handle(mut stream: TcpStream, status: &Status) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let deadline = Instant::now() + HEAD_DEADLINE;
     let mut buf = vec![0u8; 8192];
     let mut len = 0;
     let (method, path) = loop {
-        let n = stream.read(&mut buf[len..])?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return respond(&mut stream, 408, "text/plain", "request timeout\n");
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = match stream.read(&mut buf[len..]) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return respond(&mut stream, 408, "text/plain", "request timeout\n")
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             return Ok(());
         }

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufReader, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -619,6 +619,61 @@ fn healthz_answers_200_while_serving() {
     let backend = Backend::named("a");
     let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     assert_eq!(balancer.admin_get("/healthz").0, 200);
+}
+
+/// `GET path` on the admin listener, answered within `limit`: (status line, or the error).
+fn admin_status_within(admin: SocketAddr, path: &str, limit: Duration) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&admin, limit).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(limit)).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(line.trim_end().to_string())
+}
+
+#[test]
+fn slow_or_idle_admin_clients_never_delay_healthz() {
+    let backend = Backend::named("a");
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    let admin = balancer.admin.expect("admin listener");
+    // Idle connections and one trickling a byte at a time: each used to hold the one admin
+    // thread for its 2 s read timeout (or, trickling, for ever).
+    let idle: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(admin).unwrap()).collect();
+    let mut trickle = TcpStream::connect(admin).unwrap();
+    trickle.write_all(b"GET /hea").unwrap();
+    for _ in 0..3 {
+        let answer = admin_status_within(admin, "/healthz", Duration::from_millis(1500));
+        assert_eq!(answer.as_deref(), Ok("HTTP/1.1 200 OK"));
+        trickle.write_all(b"l").unwrap();
+    }
+    // The trickler's head never completes: it is answered 408 within its deadline.
+    trickle.set_read_timeout(Some(WAIT)).unwrap();
+    let mut line = String::new();
+    let _ = BufReader::new(trickle).read_line(&mut line);
+    assert!(line.starts_with("HTTP/1.1 408"), "{line:?}");
+    drop(idle);
+}
+
+#[test]
+fn admin_connections_beyond_the_limit_get_503_at_once() {
+    let backend = Backend::named("a");
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    let admin = balancer.admin.expect("admin listener");
+    let idle: Vec<TcpStream> = (0..32)
+        .map(|_| TcpStream::connect(admin).unwrap())
+        .collect();
+    eventually("the 32 idle connections to be taken", || {
+        admin_status_within(admin, "/healthz", Duration::from_secs(2)).as_deref()
+            == Ok("HTTP/1.1 503 Service Unavailable")
+    });
+    drop(idle);
+    eventually("healthz once they are gone", || {
+        admin_status_within(admin, "/healthz", Duration::from_secs(2)).as_deref()
+            == Ok("HTTP/1.1 200 OK")
+    });
 }
 
 #[test]
