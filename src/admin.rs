@@ -68,7 +68,9 @@ impl Status {
 }
 
 /// Binds the admin listener on 127.0.0.1 only; it is never reachable from another host.
-/// `SO_REUSEPORT` (as on the HTTP port) lets a new process start beside a draining one.
+/// `SO_REUSEPORT` (as on the HTTP port) lets a new process started with
+/// `BALANCER_REUSE_PORT=on` bind it beside a draining one (the caller checks the port is free
+/// otherwise).
 pub fn bind(port: u16) -> io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;

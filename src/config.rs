@@ -85,8 +85,10 @@ pub struct Config {
     pub cpus: Vec<usize>,
     /// `ADMIN_PORT`; `None` when set to `off`.
     pub admin_port: Option<u16>,
-    /// `RUST_LOG`, passed to env_logger unvalidated.
+    /// `RUST_LOG`, checked with env_logger's own parser.
     pub log_filter: String,
+    /// `BALANCER_REUSE_PORT`: bind the ports even while another process listens on them.
+    pub reuse_port: bool,
 }
 
 /// A configuration value the balancer cannot start with.
@@ -277,7 +279,15 @@ static VARIABLES: &[Variable] = &[
         name: "RUST_LOG",
         meaning: "log filter (env_logger)",
         unset: Parse("info"),
-        apply: |d, v| set(&mut d.config.log_filter, Ok(v.to_owned())),
+        apply: |d, v| set(&mut d.config.log_filter, log_filter(v)),
+    },
+    Variable {
+        name: "BALANCER_REUSE_PORT",
+        meaning: "on: listen even while another process listens on the same ports, as a new \
+                  process beside a draining one in a seamless restart; off: exit 1 when a port \
+                  is in use",
+        unset: Parse("off"),
+        apply: |d, v| set(&mut d.config.reuse_port, on_off(v)),
     },
 ];
 
@@ -392,6 +402,7 @@ impl<'a> Draft<'a> {
                 cpus: allowed_cpus.to_vec(),
                 admin_port: None,
                 log_filter: String::new(),
+                reuse_port: false,
             },
             agent_port: None,
             agent_host: String::new(),
@@ -420,6 +431,18 @@ impl<'a> Draft<'a> {
         if config.agent.is_none() && config.backends.is_none() {
             return Err(ConfigError::NoBackendSource);
         }
+        let overlaps_loopback = config.bind.is_unspecified() || config.bind.is_loopback();
+        if let Some(port) = config.admin_port {
+            if port != 0 && port == config.http_port && overlaps_loopback {
+                return Err(ConfigError::Invalid {
+                    var: "ADMIN_PORT",
+                    value: port.to_string(),
+                    reason: "is also HOST_PORT_HTTP_BALANCER: the admin and HTTP listeners need \
+                             ports of their own"
+                        .to_owned(),
+                });
+            }
+        }
         Ok(config)
     }
 }
@@ -434,6 +457,28 @@ fn set<T>(slot: &mut T, parsed: Result<T, String>) -> Result<(), String> {
 fn ip(v: &str) -> Result<IpAddr, String> {
     v.parse()
         .map_err(|_| "expected an IP address such as 0.0.0.0 or ::".to_owned())
+}
+
+/// An env_logger filter (`info`, `balancer=debug,warn`), refused when env_logger would ignore
+/// it with a warning and log nothing at `info`.
+fn log_filter(v: &str) -> Result<String, String> {
+    env_filter::Builder::new()
+        .try_parse(v)
+        .map(|_| v.to_owned())
+        .map_err(|e| {
+            format!("{e}; expected a level (error, warn, info, debug, trace) or module=level list")
+        })
+}
+
+/// `on` or `off` (any case).
+fn on_off(v: &str) -> Result<bool, String> {
+    if v.eq_ignore_ascii_case("on") {
+        Ok(true)
+    } else if v.eq_ignore_ascii_case("off") {
+        Ok(false)
+    } else {
+        Err("expected on or off".to_owned())
+    }
 }
 
 /// `off` (any case) or a port number 0-65535.
@@ -522,6 +567,10 @@ fn request_path(v: &str) -> Result<String, String> {
     }
     if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("must not contain spaces or control characters".to_owned());
+    }
+    // A request-target is ASCII (RFC 9112 §3.2); other characters go percent-encoded.
+    if !v.is_ascii() {
+        return Err("must be ASCII (percent-encode other characters)".to_owned());
     }
     Ok(v.to_owned())
 }
@@ -775,6 +824,18 @@ mod tests {
             ("RUST_LOG", "balancer=debug,warn", |c| {
                 c.log_filter == "balancer=debug,warn"
             }),
+            ("RUST_LOG", "off", |c| c.log_filter == "off"),
+            ("RUST_LOG", "WARN", |c| c.log_filter == "WARN"),
+            ("RUST_LOG", "info,", |c| c.log_filter == "info,"),
+            ("RUST_LOG", "balancer::proxy=trace", |c| {
+                c.log_filter == "balancer::proxy=trace"
+            }),
+            ("RUST_LOG", "info/agent", |c| c.log_filter == "info/agent"),
+            ("BALANCER_REUSE_PORT", "on", |c| c.reuse_port),
+            ("BALANCER_REUSE_PORT", "OFF", |c| !c.reuse_port),
+            ("DEPLOYMENT_AGENT_PATH", "/ws%C3%A9?v=1", |c| {
+                c.agent.is_none()
+            }),
         ];
         for (var, value, check) in cases {
             let config = parse_with(var, value)
@@ -878,6 +939,10 @@ mod tests {
                 "on",
                 "expected a port number 0-65535 or \"off\"",
             ),
+            ("RUST_LOG", "garbage====", "invalid logging spec"),
+            ("RUST_LOG", "a=b=c", "invalid logging spec"),
+            ("BALANCER_REUSE_PORT", "yes", "expected on or off"),
+            ("DEPLOYMENT_AGENT_PATH", "/\u{e9}", "must be ASCII"),
         ];
         for (var, value, reason) in cases {
             let err = parse_with(var, value).expect_err(&format!("{var}={value:?} must fail"));
@@ -892,6 +957,34 @@ mod tests {
             );
             assert!(message.contains(reason), "{var}={value:?}: {message}");
         }
+    }
+
+    #[test]
+    fn the_admin_port_may_not_be_the_http_port_where_their_addresses_meet() {
+        for bind in ["0.0.0.0", "127.0.0.1", "::"] {
+            let err = parse(&[
+                ("BACKENDS", BACKENDS),
+                ("BALANCER_BIND", bind),
+                ("HOST_PORT_HTTP_BALANCER", "9000"),
+                ("ADMIN_PORT", "9000"),
+            ])
+            .expect_err(bind)
+            .to_string();
+            assert!(
+                err.starts_with("invalid ADMIN_PORT=\"9000\": is also HOST_PORT_HTTP_BALANCER"),
+                "{err}"
+            );
+        }
+        let apart = |bind, port| {
+            parse(&[
+                ("BACKENDS", BACKENDS),
+                ("BALANCER_BIND", bind),
+                ("HOST_PORT_HTTP_BALANCER", port),
+                ("ADMIN_PORT", port),
+            ])
+        };
+        assert!(apart("10.0.0.5", "9000").is_ok(), "different addresses");
+        assert!(apart("127.0.0.1", "0").is_ok(), "0 picks two free ports");
     }
 
     #[test]
@@ -1190,6 +1283,8 @@ mod tests {
                 "BALANCER_CPUS",
                 "ADMIN_PORT",
                 "RUST_LOG",
+                // Beyond the SPEC's table, after it.
+                "BALANCER_REUSE_PORT",
             ]
         );
     }

@@ -1,6 +1,6 @@
 //! The `balancer` binary: configuration, logging, shards, agent and admin threads, signals.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -102,6 +102,16 @@ fn run(config: Config, initial: Update, signals: Signals) -> Result<(), String> 
     shard::check_io_uring().map_err(|e| e.to_string())?;
     // Bound before the shards start: a process that cannot start must never have accepted a
     // connection or logged `listening on`.
+    if !config.reuse_port {
+        for (ip, port) in [
+            (config.bind, Some(config.http_port)),
+            (IpAddr::from([127, 0, 0, 1]), config.admin_port),
+        ] {
+            if let Some(port @ 1..) = port {
+                shard::ensure_port_free(SocketAddr::new(ip, port)).map_err(|e| e.to_string())?;
+            }
+        }
+    }
     let admin_listener = match config.admin_port {
         Some(port) => Some(admin::bind(port).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {

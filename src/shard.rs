@@ -91,9 +91,19 @@ impl std::fmt::Display for StartupError {
         match self {
             StartupError::PortInUse(addr) => write!(
                 f,
-                "cannot listen on {addr}: the port is already in use by another program; stop it or choose another port with HOST_PORT_HTTP_BALANCER (or ADMIN_PORT)"
+                "cannot listen on {addr}: the port is already in use by another program; stop it or choose another port with HOST_PORT_HTTP_BALANCER (or ADMIN_PORT), or set BALANCER_REUSE_PORT=on to start beside another balancer for a seamless restart"
             ),
-            StartupError::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            StartupError::Bind(addr, e) => match e.raw_os_error() {
+                Some(libc::EADDRNOTAVAIL) => write!(
+                    f,
+                    "cannot listen on {addr}: no network interface of this host has that address; set BALANCER_BIND to one of its addresses, or 0.0.0.0 for all of them"
+                ),
+                Some(libc::EACCES) => write!(
+                    f,
+                    "cannot listen on {addr}: ports below 1024 need root or CAP_NET_BIND_SERVICE (setcap cap_net_bind_service=+ep on the binary, or AmbientCapabilities=CAP_NET_BIND_SERVICE in the systemd unit); or choose a port from 1024 up"
+                ),
+                _ => write!(f, "cannot listen on {addr}: {e}"),
+            },
             StartupError::MemlockTooLow(limit) => write!(
                 f,
                 "the memlock limit is too low ({limit} bytes; io_uring needs at least 524288): raise it with `ulimit -l 8192`, LimitMEMLOCK=8M in the systemd unit, or memlock in /etc/security/limits.conf"
@@ -399,7 +409,22 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
 }
 
-fn bind_error(addr: SocketAddr, e: io::Error) -> StartupError {
+/// Fails with `PortInUse` when any other socket listens on `addr`, `SO_REUSEPORT` or not:
+/// the shards' own listeners share their port with whoever else set that option (a second
+/// balancer started by mistake would silently take a share of the traffic), so without
+/// `BALANCER_REUSE_PORT=on` the port is first bound alone, then released for them.
+pub fn ensure_port_free(addr: SocketAddr) -> Result<(), StartupError> {
+    use socket2::{Domain, Socket, Type};
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+        .map_err(|e| StartupError::Bind(addr, e))?;
+    // As the real listeners: TIME_WAIT leftovers of an earlier process are no conflict.
+    probe
+        .set_reuse_address(true)
+        .map_err(|e| StartupError::Bind(addr, e))?;
+    probe.bind(&addr.into()).map_err(|e| bind_error(addr, e))
+}
+
+pub fn bind_error(addr: SocketAddr, e: io::Error) -> StartupError {
     if e.kind() == io::ErrorKind::AddrInUse {
         StartupError::PortInUse(addr)
     } else {

@@ -137,8 +137,15 @@ impl AgentLink {
         stream
             .set_write_timeout(Some(CONNECT_TIMEOUT))
             .map_err(AgentError::Connect)?;
-        let (ws, _) = tungstenite::client::client(url, stream)
-            .map_err(|e| AgentError::Handshake(e.to_string()))?;
+        let (ws, _) = tungstenite::client::client(url, stream).map_err(|e| {
+            // The read timeout surfaces as an interrupted (WouldBlock) handshake: say so.
+            AgentError::Handshake(match e {
+                tungstenite::HandshakeError::Interrupted(_) => {
+                    format!("no answer within {}s", CONNECT_TIMEOUT.as_secs_f64())
+                }
+                tungstenite::HandshakeError::Failure(e) => e.to_string(),
+            })
+        })?;
         ws.get_ref()
             .set_read_timeout(Some(TICK))
             .map_err(AgentError::Connect)?;

@@ -546,6 +546,22 @@ fn first_retry_is_after_about_100ms_when_the_agent_is_not_there() {
 }
 
 #[test]
+fn an_agent_that_never_answers_the_handshake_is_reported_as_such() {
+    let a = Backend::named("A");
+    // Accepts the connection (the listen backlog does) but never reads or answers.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = mute.local_addr().unwrap().port().to_string();
+    let balancer = Balancer::start(&[
+        ("HOST_PORT_WS_DEPLOYMENT_AGENT", &port),
+        ("BACKENDS", &server_set(&[(a.addr, 1.0)])),
+    ]);
+    let line = balancer.wait_log("websocket handshake failed");
+    assert!(line.contains("no answer within 5s"), "{line}");
+    assert!(line.contains("next retry in"), "{line}");
+    assert_eq!(who(&balancer), "A", "BACKENDS serves meanwhile");
+}
+
+#[test]
 fn reconnect_delays_double_and_stay_capped() {
     let a = Backend::named("A");
     let (balancer, agent, conn) = serving(&a);

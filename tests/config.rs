@@ -255,10 +255,77 @@ fn the_listening_line_shows_a_configured_port() {
     let port_text = port.to_string();
     let lb = Balancer::start(&[
         ("HOST_PORT_HTTP_BALANCER", &port_text),
+        ("BALANCER_REUSE_PORT", "on"),
         ("BACKENDS", &server_set(&[(a.addr, 1.0)])),
     ]);
     assert_eq!(lb.addr.port(), port);
     assert_eq!(get(lb.addr, "/").status, 200);
+}
+
+#[test]
+fn a_second_balancer_on_a_port_in_use_exits_1_unless_told_to_share_it() {
+    let a = Backend::named("a");
+    let backends = server_set(&[(a.addr, 1.0)]);
+    let first = Balancer::start(&[("BACKENDS", &backends)]);
+    let http = first.addr.port().to_string();
+    let admin = first.admin.expect("admin on").port().to_string();
+    // Its listeners set SO_REUSEPORT, which a second process setting it too would share:
+    // refused, so a balancer started twice by mistake never takes a share of the traffic.
+    for (var, port) in [("HOST_PORT_HTTP_BALANCER", &http), ("ADMIN_PORT", &admin)] {
+        let (code, _, err) = run_to_exit(&env_with(&[(var, port), ("BACKENDS", &backends)]), &[]);
+        assert_eq!(code, Some(1), "{var}: {err}");
+        assert!(
+            err.lines()
+                .any(|l| l.contains("in use") && l.contains(port.as_str())),
+            "{var}: {err}"
+        );
+    }
+    let second = Balancer::start(&[
+        ("HOST_PORT_HTTP_BALANCER", &http),
+        ("ADMIN_PORT", &admin),
+        ("BALANCER_REUSE_PORT", "on"),
+        ("BACKENDS", &backends),
+    ]);
+    assert_eq!(second.addr, first.addr);
+}
+
+#[test]
+fn the_admin_port_equal_to_the_http_port_exits_2_naming_it() {
+    let (code, _, err) = run_to_exit(
+        &env_with(&[
+            ("HOST_PORT_HTTP_BALANCER", "19077"),
+            ("ADMIN_PORT", "19077"),
+        ]),
+        &[],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(non_empty_lines(&err).len(), 1, "{err}");
+    assert!(
+        err.starts_with("balancer: invalid ADMIN_PORT=\"19077\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_invalid_rust_log_exits_2_naming_it() {
+    let (code, _, err) = run_to_exit(&env_with(&[("RUST_LOG", "garbage====")]), &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(non_empty_lines(&err).len(), 1, "{err}");
+    assert!(
+        err.starts_with("balancer: invalid RUST_LOG=\"garbage====\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_address_this_host_does_not_have_exits_1_saying_what_to_do() {
+    // TEST-NET-3 (RFC 5737): never assigned to a host.
+    let (code, _, err) = run_to_exit(&env_with(&[("BALANCER_BIND", "203.0.113.7")]), &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("set BALANCER_BIND to one of its addresses"),
+        "{err}"
+    );
 }
 
 /// Runs the binary with the default test environment and `prepare` applied in the child just

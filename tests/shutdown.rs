@@ -226,7 +226,10 @@ fn seamless_restart_on_the_same_port_loses_no_request() {
     let mut old = balancer_for(backend.addr, &[]);
     let addr = old.addr;
     let port = addr.port().to_string();
-    let env = [("HOST_PORT_HTTP_BALANCER", port.as_str())];
+    let env = [
+        ("HOST_PORT_HTTP_BALANCER", port.as_str()),
+        ("BALANCER_REUSE_PORT", "on"),
+    ];
 
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
