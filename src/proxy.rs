@@ -341,13 +341,13 @@ async fn handle_request(
             }
             Err(Failure::Upstream(error)) => {
                 debug!("backend {} failed: {error}", pick.backend.label);
-                if let Some(s) = &stats {
-                    s.error(error.kind);
-                }
                 // A waiter on a timed-out cache miss had less than REQUEST_TIMEOUT: running
                 // out of it says nothing against the server.
                 let shortened = forward.head_timeout < shard.config.request_timeout;
                 if !(error.kind == ErrorKind::Timeout && shortened) {
+                    if let Some(s) = &stats {
+                        s.error(error.kind);
+                    }
                     record(shard, &pick, Outcome::Failure);
                 }
                 // A failed connect sent nothing, so anything may go elsewhere; a reset after
@@ -467,9 +467,17 @@ pub struct Exchange<'a> {
 }
 
 impl Exchange<'_> {
+    /// Whether the request may be sent a second time after the backend took it and answered
+    /// nothing (SPEC §6): an idempotent method without a body. Only such a request goes on a
+    /// pooled connection, so a backend that closed one while idle (or reads a POST, then
+    /// dies) never makes a request run twice, nor fail when it needs not.
+    pub fn replayable(&self) -> bool {
+        self.plan == BodyPlan::Buffered && self.head.idempotent && has_no_body(self.head)
+    }
+
     async fn run(&self, client: &mut Conn, pick: &Pick) -> Result<Relayed, Failure> {
         let addr = pick.backend.addr;
-        let replayable = self.plan == BodyPlan::Buffered;
+        let replayable = self.replayable();
         let mut upstream = self.checkout(addr, replayable).await?;
         let outcome = self
             .send_and_relay(client, &mut upstream, self.head_timeout)
@@ -502,7 +510,7 @@ impl Exchange<'_> {
 
     /// A pooled connection when the request can be replayed should it turn out stale; a
     /// fresh one otherwise, because a backend may close an idle connection at any moment
-    /// and a streamed body cannot be sent twice.
+    /// and a request with a body, or a POST, must not be sent twice.
     async fn checkout(&self, addr: SocketAddr, replayable: bool) -> Result<Upstream, Failure> {
         if !replayable {
             return self.connect(addr).await;

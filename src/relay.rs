@@ -12,6 +12,7 @@ use crate::http::{
     parse_response, write_response_head, RequestFraming, ResponseFraming, ResponseHead,
     ResponseOptions, Version,
 };
+use crate::lookup::FlightGuard;
 use crate::metrics::ErrorKind;
 use crate::proxy::{cache_decision, store, Exchange, Failure, Next};
 use crate::shard::Shard;
@@ -282,14 +283,26 @@ pub async fn relay_response(
     // Handed back below once the response is relayed whole (the connection may be reused);
     // on any other outcome the connection is closed and its head goes with it.
     let mut resp = std::mem::take(&mut upstream.response_head);
+    let mut interim_relayed = false;
     loop {
         read_response_head(upstream, head.is_head, &mut resp, deadline).await?;
         if !resp.interim {
             break;
         }
         relay_interim(ex, client, upstream, &resp).await?;
+        interim_relayed = true;
     }
     let status = resp.status;
+    if status == 408 && upstream.reused && !interim_relayed && ex.replayable() {
+        // A backend's idle timeout that crossed the request on its way: the connection was
+        // stale, and the caller sends the request again on a fresh one (as browsers do).
+        return Err(Failure::Upstream(UpstreamError::new(
+            ErrorKind::Reset,
+            true,
+            true,
+            "408 on a reused connection: the backend had timed it out",
+        )));
+    }
 
     if resp.upgraded {
         if !head.websocket_upgrade {
@@ -336,7 +349,10 @@ pub async fn relay_response(
         resp.framing,
         &opts,
         out,
-        &mut store_plan,
+        StoreCopy {
+            plan: &mut store_plan,
+            flight: ex.flight,
+        },
         shard,
     )
     .await;
@@ -443,17 +459,23 @@ async fn stream_body(
     framing: ResponseFraming,
     opts: &ResponseOptions<'_>,
     mut staged: PooledBuffer<'_>,
-    plan: &mut Option<StorePlan>,
+    store: StoreCopy<'_, '_>,
     shard: &Shard,
 ) -> Result<BodyEnd, ()> {
     let (dechunk, closing) = (opts.dechunk, !opts.keep_alive);
     let max_store = shard.config.cache_max_object_bytes;
+    let StoreCopy { plan, flight } = store;
     // A body copied for the cache has to pass through user space anyway.
     let may_splice = plan.is_none();
     let mut collect = |bytes: &[u8]| {
         if let Some(p) = plan {
             if p.body.len() + bytes.len() > max_store {
                 *plan = None;
+                // Too large after all (chunked, or delimited by the close): the requests
+                // waiting for it to be stored need not wait for the rest.
+                if let Some(flight) = flight {
+                    flight.end(FlightEnd::NotStored);
+                }
             } else {
                 p.body.extend_from_slice(bytes);
             }
@@ -691,6 +713,12 @@ fn top_up(
 }
 
 /// A response body being copied for the cache while it streams to the client.
+/// The copy of a body kept for the cache, and the misses waiting for it.
+struct StoreCopy<'p, 'f> {
+    plan: &'p mut Option<StorePlan>,
+    flight: Option<&'f FlightGuard>,
+}
+
 pub struct StorePlan {
     pub headers: Vec<StoredHeader>,
     pub vary_accept_encoding: bool,

@@ -1225,6 +1225,51 @@ fn waiters_are_released_by_an_unstorable_head_before_its_body_arrives() {
 }
 
 #[test]
+fn waiters_are_released_once_a_chunked_body_outgrows_the_cache() {
+    let first = Arc::new(AtomicBool::new(true));
+    let backend = Backend::start(Arc::new(move |_: &Seen| {
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let mut chunk = format!("{:x}\r\n", 64 * 1024).into_bytes();
+        chunk.extend_from_slice(&[b'm'; 64 * 1024]);
+        chunk.extend_from_slice(b"\r\n");
+        let last = b"0\r\n\r\n".to_vec();
+        if first.swap(false, SeqCst) {
+            // 1.25 MiB at once, over CACHE_MAX_OBJECT_BYTES (1 MiB); the end much later.
+            let mut start = head;
+            for _ in 0..20 {
+                start.extend_from_slice(&chunk);
+            }
+            Reply::Paced(vec![
+                (Duration::from_millis(200), start),
+                (Duration::from_secs(4), last),
+            ])
+        } else {
+            let mut whole = head;
+            whole.extend_from_slice(&chunk);
+            whole.extend_from_slice(&last);
+            Reply::Bytes(whole)
+        }
+    }));
+    let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
+
+    let mut clients = concurrent_gets(&lb, "/large.map", 3);
+    eventually("the waiters reach the backend", || backend.requests() == 3);
+    let leader = clients
+        .iter()
+        .position(|c| !c.is_finished())
+        .expect("the leader's body is still coming");
+    let leader = clients.remove(leader);
+    for client in clients {
+        assert_eq!(client.join().expect("client thread").body.len(), 64 * 1024);
+    }
+    assert!(
+        !leader.is_finished(),
+        "the waiters did not wait for the leader's end"
+    );
+    assert_eq!(leader.join().expect("leader").body.len(), 20 * 64 * 1024);
+}
+
+#[test]
 fn a_key_whose_response_was_not_storable_is_fetched_concurrently_next_time() {
     let gate = Arc::new(Gate::default());
     let held = gate.clone();
@@ -1345,4 +1390,13 @@ fn waiters_on_a_timed_out_miss_get_504_within_their_own_request_timeout() {
     let (_, servers) = lb.admin_get("/servers");
     let doc: serde_json::Value = serde_json::from_str(&servers).expect("/servers is JSON");
     assert_eq!(doc["servers"][0]["ejected_shards"], 0, "{servers}");
+    let timeouts = format!(
+        "balancer_backend_errors_total{{backend=\"{}\",kind=\"timeout\"}}",
+        backend.addr
+    );
+    assert_eq!(
+        lb.metric(&timeouts),
+        Some(1.0),
+        "only the leader's timeout counts"
+    );
 }

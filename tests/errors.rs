@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -615,6 +616,84 @@ fn posts_on_connections_the_backend_closed_while_pooled_never_fail() {
         assert_eq!(resp.text(), "done");
     }
     assert_eq!(backend.requests(), 50);
+}
+
+/// A backend that answers GETs on any connection; a POST it reads whole and then closes the
+/// connection without a word (it died while handling it); the second request on a connection
+/// that is not a POST it answers with a 408 and a close, as a backend whose idle timeout fires
+/// just as the request arrives.
+fn backend_dying_on_posts_and_timing_out_reused_connections(posts: Arc<AtomicUsize>) -> RawBackend {
+    RawBackend::start(Arc::new(move |conn: std::net::TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        let mut served = 0;
+        while let Some((method, path, headers)) = read_request(&mut reader) {
+            if method == "POST" {
+                posts.fetch_add(1, SeqCst);
+                let len = headers
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0; len];
+                let _ = reader.read_exact(&mut body);
+                return;
+            }
+            if served == 1 && path.starts_with("/crossed") {
+                let _ = writer.write_all(
+                    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                );
+                return;
+            }
+            let body = format!("for {path}");
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if writer.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+            served += 1;
+        }
+    }))
+}
+
+#[test]
+fn a_post_the_backend_took_and_never_answered_is_not_sent_again() {
+    let posts = Arc::new(AtomicUsize::new(0));
+    let backend = backend_dying_on_posts_and_timing_out_reused_connections(posts.clone());
+    let lb = Balancer::serving(&[(backend.addr, 1.0)]);
+    let client = connect(lb.addr);
+    let mut writer = client.try_clone().unwrap();
+    let mut reader = BufReader::new(client);
+    // A warm pooled connection that the POST could have been sent on.
+    assert_eq!(get_on(&mut writer, &mut reader, "/warm").status, 200);
+    writer
+        .write_all(b"POST /pay HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\n1234")
+        .unwrap();
+    let resp = read_response(&mut reader, false).expect("an answer");
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert_eq!(posts.load(SeqCst), 1, "the payment ran once");
+}
+
+#[test]
+fn a_408_crossing_a_request_on_a_reused_connection_is_retried_on_a_fresh_one() {
+    let backend =
+        backend_dying_on_posts_and_timing_out_reused_connections(Arc::new(AtomicUsize::new(0)));
+    let lb = Balancer::serving(&[(backend.addr, 1.0)]);
+    for round in 0..3 {
+        let client = connect(lb.addr);
+        let mut writer = client.try_clone().unwrap();
+        let mut reader = BufReader::new(client);
+        assert_eq!(
+            get_on(&mut writer, &mut reader, &format!("/warm-{round}")).status,
+            200
+        );
+        let target = format!("/crossed-{round}");
+        let resp = get_on(&mut writer, &mut reader, &target);
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.text(), format!("for {target}"));
+    }
 }
 
 /// Sends `method` (with `Content-Length: len(body)` when `body` is given) through a balancer
