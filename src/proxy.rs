@@ -18,8 +18,8 @@ use crate::cache::flights::FlightEnd;
 use crate::cache::{storability, CachedResponse, Storability};
 use crate::client::{connect, Upstream, UpstreamError};
 use crate::http::{
-    parse_request, write_error_response, write_forward_request, HttpError, RequestFraming,
-    RequestHead,
+    parse_request, write_error_response, write_error_response_for, write_forward_request,
+    HttpError, RequestFraming, RequestHead,
 };
 use crate::lookup::{CacheStep, FlightGuard};
 use crate::metrics::ErrorKind;
@@ -187,6 +187,30 @@ pub async fn respond_error(
     shard.metrics.record_request(status, started.elapsed());
 }
 
+/// Answers a request the balancer could not forward (502, 503, 504). When the request was
+/// read whole (no body, or a buffered one), the client keeps its connection, as NGINX and
+/// Envoy do: a backend outage then costs clients no reconnections, and requests pipelined
+/// behind this one are still answered. A body still on its way means closing.
+async fn respond_unforwarded(
+    shard: &Shard,
+    client: &mut Conn,
+    head: &RequestHead,
+    read_whole: bool,
+    status: u16,
+    started: Instant,
+) -> Next {
+    let keep_alive = read_whole && head.keep_alive && !shard.shutdown.is_fired();
+    let mut out = Vec::with_capacity(256);
+    write_error_response_for(status, keep_alive, head.version, &mut out);
+    let written = client.write_all(&out).await.is_ok();
+    shard.metrics.record_request(status, started.elapsed());
+    match (keep_alive, written) {
+        (true, true) => Next::KeepAlive,
+        (true, false) => Next::Close,
+        (false, _) => Next::Linger,
+    }
+}
+
 /// Half-closes, then discards what the client still sends for a moment, so that a client
 /// still writing its request reads our answer instead of a connection reset.
 async fn linger(client: &mut Conn) {
@@ -233,8 +257,7 @@ async fn handle_request(
     let forward = match crate::lookup::consult(shard, client, head, started).await {
         CacheStep::Served(next) => return next,
         CacheStep::TimedOut => {
-            respond_error(shard, client, 504, false, started).await;
-            return Next::Linger;
+            return respond_unforwarded(shard, client, head, true, 504, started).await;
         }
         CacheStep::Forward(forward) => forward,
     };
@@ -291,8 +314,8 @@ async fn handle_request(
                 Some(e) if e.kind == ErrorKind::Timeout => 504,
                 Some(_) => 502,
             };
-            respond_error(shard, client, status, false, started).await;
-            return Next::Linger;
+            let read_whole = plan == BodyPlan::Buffered;
+            return respond_unforwarded(shard, client, head, read_whole, status, started).await;
         };
         tried[attempts] = Some(pick.backend.addr);
         attempts += 1;
@@ -370,8 +393,9 @@ async fn handle_request(
                     } else {
                         502
                     };
-                    respond_error(shard, client, status, false, started).await;
-                    return Next::Linger;
+                    let read_whole = plan == BodyPlan::Buffered;
+                    return respond_unforwarded(shard, client, head, read_whole, status, started)
+                        .await;
                 }
                 last_error = Some(error);
             }

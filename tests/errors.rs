@@ -83,6 +83,44 @@ fn an_empty_server_set_answers_503_with_a_short_text_body() {
 }
 
 #[test]
+fn a_502_for_a_request_read_whole_keeps_the_client_connection() {
+    let dead = HeldPort::refusing();
+    let lb = Balancer::serving(&[(dead.addr, 1.0)]);
+    let client = connect(lb.addr);
+    let mut writer = client.try_clone().unwrap();
+    let mut reader = BufReader::new(client);
+    // Pipelined: both are answered, and the connection stays usable after them.
+    writer
+        .write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nPOST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
+        .unwrap();
+    for target in ["/a", "/b"] {
+        let resp = read_response(&mut reader, false).expect("an answer");
+        assert_eq!(resp.status, 502, "{target}");
+        assert_eq!(resp.header("connection"), None, "{target} keeps the connection");
+    }
+    assert_eq!(get_on(&mut writer, &mut reader, "/c").status, 502);
+
+    // An HTTP/1.0 keep-alive client is told so.
+    writer
+        .write_all(b"GET /d HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut reader, false).expect("an answer");
+    assert_eq!(resp.header("connection"), Some("keep-alive"));
+
+    // A body still streaming in (over the 64 KiB buffered) cannot be skipped: close.
+    let mut big = format!(
+        "POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        200_000
+    )
+    .into_bytes();
+    big.extend_from_slice(&[b'x'; 200_000]);
+    let _ = writer.write_all(&big);
+    let resp = read_response(&mut reader, false).expect("an answer");
+    assert_eq!(resp.status, 502);
+    assert_eq!(resp.header("connection"), Some("close"));
+}
+
+#[test]
 fn every_backend_refusing_connections_answers_502() {
     // Held (bound, not listening) for the whole test: refused, and nobody else's meanwhile.
     let (dead_a, dead_b) = (HeldPort::refusing(), HeldPort::refusing());
