@@ -553,6 +553,12 @@ impl Exchange<'_> {
     async fn connect(&self, addr: SocketAddr) -> Result<Upstream, Failure> {
         let timeout = self.head_timeout.min(CONNECT_TIMEOUT);
         let upstream = connect(addr, timeout).await.map_err(Failure::Upstream)?;
+        // A backend that takes no byte of a request (a body larger than the socket buffers)
+        // for REQUEST_TIMEOUT has not answered in that time either: 504, never a hang.
+        let _ = upstream
+            .conn
+            .stream
+            .set_write_timeout(Some(self.shard.config.request_timeout));
         self.shard.metrics.upstream_created.inc();
         Ok(upstream)
     }

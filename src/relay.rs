@@ -248,7 +248,12 @@ pub async fn forward_body(
                 if matches!(upstream.conn.try_fill(), Ok(Some(n)) if n > 0) {
                     return Ok(BodyForwarded::AnsweredEarly);
                 }
-                return Err(upstream_failure(ErrorKind::Reset, upstream, e));
+                let kind = if e.kind() == io::ErrorKind::TimedOut {
+                    ErrorKind::Timeout
+                } else {
+                    ErrorKind::Reset
+                };
+                return Err(upstream_failure(kind, upstream, e));
             }
             client.consume(take);
             if framing != RequestFraming::Chunked {

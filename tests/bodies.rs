@@ -563,3 +563,48 @@ fn a_backend_answering_an_upload_early_is_relayed_at_once_and_not_counted_as_fai
     let resp = get(balancer.addr, "/then-read");
     assert_eq!(resp.status, 413, "the backend still serves");
 }
+
+/// A backend that stops reading an upload and never answers: the upload cannot complete (its
+/// bytes fill both sockets' buffers), so the wait is bounded by REQUEST_TIMEOUT like any
+/// wait for an answer: a 504, and the request leaves `in_flight`.
+#[test]
+fn an_upload_the_backend_stops_reading_ends_in_504_after_request_timeout() {
+    let (stop, hold) = std::sync::mpsc::channel::<()>();
+    let hold = std::sync::Mutex::new(hold);
+    let stalled = RawBackend::start(Arc::new(move |conn: TcpStream| {
+        let mut first = [0u8; 4096];
+        let _ = std::io::Read::read(&mut &conn, &mut first);
+        // Never reads again; keeps the connection open until the test ends.
+        let _ = hold
+            .lock()
+            .unwrap()
+            .recv_timeout(std::time::Duration::from_secs(30));
+        drop(conn);
+    }));
+    let balancer = Balancer::start(&[
+        ("BACKENDS", &server_set(&[(stalled.addr, 1.0)])),
+        ("REQUEST_TIMEOUT", "1"),
+    ]);
+    // Far more than the sockets on the way can hold, so the upload can only stall.
+    const UPLOAD: usize = 256 * 1024 * 1024;
+    let (mut writer, mut reader) = open(&balancer);
+    let head = format!("POST /stalled HTTP/1.1\r\nHost: test\r\nContent-Length: {UPLOAD}\r\n\r\n");
+    writer.write_all(head.as_bytes()).unwrap();
+    let uploader = std::thread::spawn(move || {
+        let piece = vec![b'u'; 1 << 20];
+        for _ in 0..UPLOAD >> 20 {
+            if writer.write_all(&piece).is_err() {
+                return;
+            }
+        }
+    });
+    let (status, _) = read_head(&mut reader).expect("an answer");
+    assert_eq!(status, 504);
+    drop(reader);
+    let _ = uploader.join();
+    eventually("the request to leave in_flight", || {
+        let (_, body) = balancer.admin_get("/servers");
+        body.contains("\"in_flight\":0")
+    });
+    drop(stop);
+}

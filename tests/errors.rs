@@ -96,7 +96,11 @@ fn a_502_for_a_request_read_whole_keeps_the_client_connection() {
     for target in ["/a", "/b"] {
         let resp = read_response(&mut reader, false).expect("an answer");
         assert_eq!(resp.status, 502, "{target}");
-        assert_eq!(resp.header("connection"), None, "{target} keeps the connection");
+        assert_eq!(
+            resp.header("connection"),
+            None,
+            "{target} keeps the connection"
+        );
     }
     assert_eq!(get_on(&mut writer, &mut reader, "/c").status, 502);
 
