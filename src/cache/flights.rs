@@ -10,6 +10,7 @@
 //! No I/O and no clock: time is a parameter.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -72,15 +73,14 @@ pub enum Join {
     Pass,
 }
 
-enum Entry {
-    Leading(Rc<Flight>),
-    Pass { until: Instant },
-}
-
 /// A shard's flights and pass memory.
 pub struct Flights {
-    entries: HashMap<CacheKey, Entry>,
-    pass_keys: usize,
+    leading: HashMap<CacheKey, Rc<Flight>>,
+    /// Keys that pass, by a keyed hash of the key, until when: a key may be 64 KiB (a Host
+    /// header), and 4096 of them must not pin 256 MiB. Two keys sharing a hash only cost the
+    /// second one its coalescing.
+    pass: HashMap<u64, Instant>,
+    hasher: RandomState,
     pass_for: Duration,
 }
 
@@ -88,8 +88,9 @@ impl Flights {
     /// `pass_for`: how long a key whose response was not storable skips waiting.
     pub fn new(pass_for: Duration) -> Self {
         Flights {
-            entries: HashMap::new(),
-            pass_keys: 0,
+            leading: HashMap::new(),
+            pass: HashMap::new(),
+            hasher: RandomState::new(),
             pass_for,
         }
     }
@@ -97,12 +98,14 @@ impl Flights {
     /// A miss for `key`. `may_lead`: false for a request whose response could not be stored
     /// anyway (HEAD), which must not make GETs wait for nothing.
     pub fn join(&mut self, key: &CacheKey, may_lead: bool, now: Instant) -> Join {
-        match self.entries.get(key) {
-            Some(Entry::Leading(flight)) => return Join::Wait(flight.clone()),
-            Some(Entry::Pass { until }) if *until > now => return Join::Pass,
-            Some(Entry::Pass { .. }) if may_lead => {
-                self.entries.remove(key);
-                self.pass_keys -= 1;
+        if let Some(flight) = self.leading.get(key) {
+            return Join::Wait(flight.clone());
+        }
+        let hash = self.hasher.hash_one(key);
+        match self.pass.get(&hash) {
+            Some(until) if *until > now => return Join::Pass,
+            Some(_) if may_lead => {
+                self.pass.remove(&hash);
             }
             _ => {}
         }
@@ -110,8 +113,7 @@ impl Flights {
             return Join::Pass;
         }
         let flight = Rc::new(Flight::new());
-        self.entries
-            .insert(key.clone(), Entry::Leading(flight.clone()));
+        self.leading.insert(key.clone(), flight.clone());
         Join::Lead(flight)
     }
 
@@ -123,8 +125,8 @@ impl Flights {
         }
         flight.end.set(end);
         flight.signal.fire();
-        if matches!(self.entries.get(key), Some(Entry::Leading(f)) if Rc::ptr_eq(f, flight)) {
-            self.entries.remove(key);
+        if self.leading.get(key).is_some_and(|f| Rc::ptr_eq(f, flight)) {
+            self.leading.remove(key);
         }
         if end == FlightEnd::NotStored {
             self.remember_pass(key, now);
@@ -132,32 +134,19 @@ impl Flights {
     }
 
     fn remember_pass(&mut self, key: &CacheKey, now: Instant) {
-        if self.pass_keys >= MAX_PASS_KEYS {
-            self.entries
-                .retain(|_, e| !matches!(e, Entry::Pass { until } if *until <= now));
-            self.pass_keys = self.entries.len()
-                - self
-                    .entries
-                    .values()
-                    .filter(|e| matches!(e, Entry::Leading(_)))
-                    .count();
-            if self.pass_keys >= MAX_PASS_KEYS {
+        if self.pass.len() >= MAX_PASS_KEYS {
+            self.pass.retain(|_, until| *until > now);
+            if self.pass.len() >= MAX_PASS_KEYS {
                 return;
             }
         }
-        let until = now + self.pass_for;
-        if self
-            .entries
-            .insert(key.clone(), Entry::Pass { until })
-            .is_none()
-        {
-            self.pass_keys += 1;
-        }
+        self.pass
+            .insert(self.hasher.hash_one(key), now + self.pass_for);
     }
 
     /// Keys remembered as pass (expired ones included until they are swept).
     pub fn pass_keys(&self) -> usize {
-        self.pass_keys
+        self.pass.len()
     }
 }
 
