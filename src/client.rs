@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use glommio::net::TcpStream;
+use glommio::GlommioError;
 
 use crate::http::ResponseHead;
 use crate::metrics::ErrorKind;
@@ -33,6 +34,9 @@ pub struct UpstreamError {
     /// Part of a response head had arrived: the backend did answer, so this was no stale
     /// pooled connection.
     pub response_started: bool,
+    /// The balancer itself ran out of something (descriptors, memory) before reaching the
+    /// backend: nothing to hold against the server, and no other server would fare better.
+    pub local: bool,
     pub detail: String,
 }
 
@@ -54,6 +58,7 @@ impl UpstreamError {
             reused,
             request_sent,
             response_started: false,
+            local: false,
             detail: detail.to_string(),
         }
     }
@@ -98,8 +103,26 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Upstream, Up
                 expect_large_body: false,
             })
         }
-        Err(e) => Err(UpstreamError::new(ErrorKind::Connect, false, false, e)),
+        Err(e) => {
+            let os_error = match &e {
+                GlommioError::IoError(e) | GlommioError::EnhancedIoError { source: e, .. } => {
+                    e.raw_os_error()
+                }
+                _ => None,
+            };
+            let mut error = UpstreamError::new(ErrorKind::Connect, false, false, e);
+            error.local = is_local_shortage(os_error);
+            Err(error)
+        }
     }
+}
+
+/// Errors that say this process (or host) is out of a resource, not that a server failed.
+pub fn is_local_shortage(os_error: Option<i32>) -> bool {
+    matches!(
+        os_error,
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 struct Idle {

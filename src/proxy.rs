@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use glommio::net::TcpStream;
-use log::debug;
+use log::{debug, warn};
 
 use crate::balancer::{Outcome, Pick};
 use crate::body::ChunkedDecoder;
@@ -361,6 +361,18 @@ async fn handle_request(
             Err(Failure::ClientStatus(status)) => {
                 respond_error(shard, client, status, false, started).await;
                 return Next::Linger;
+            }
+            Err(Failure::Upstream(error)) if error.local => {
+                shard.shortage.warn(|suppressed| {
+                    warn!(
+                        "shard {}: cannot open a connection to {}: {} ({suppressed} more such \
+                         failures since the last warning); raise the descriptor limit \
+                         (LimitNOFILE, ulimit -n)",
+                        shard.id, pick.backend.label, error.detail
+                    )
+                });
+                let read_whole = plan == BodyPlan::Buffered;
+                return respond_unforwarded(shard, client, head, read_whole, 503, started).await;
             }
             Err(Failure::Upstream(error)) => {
                 debug!("backend {} failed: {error}", pick.backend.label);

@@ -29,6 +29,9 @@ use crate::metrics::{BackendStats, ShardMetrics};
 use crate::proxy::CLIENT_BUFFER;
 use crate::splice::PipePool;
 
+/// Warnings about running out of descriptors come at most this often per shard.
+const SHORTAGE_WARNING_PERIOD: Duration = Duration::from_secs(10);
+
 /// How long in-flight requests may take to finish after a shutdown signal.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Memory glommio registers with io_uring per shard. It serves file DMA, which the balancer
@@ -203,6 +206,42 @@ impl Drop for SignalWait<'_> {
     }
 }
 
+/// A warning that can repeat many times a second (descriptors exhausted: every accept and
+/// every connect fails): logged at most once per period, saying how many were not.
+pub struct WarnEvery {
+    period: Duration,
+    last: Cell<Option<Instant>>,
+    suppressed: Cell<u64>,
+}
+
+impl WarnEvery {
+    pub fn new(period: Duration) -> Self {
+        WarnEvery {
+            period,
+            last: Cell::new(None),
+            suppressed: Cell::new(0),
+        }
+    }
+
+    /// Calls `log` with the number of occurrences not logged since the last one, unless one
+    /// was logged less than a period ago.
+    pub fn warn(&self, log: impl FnOnce(u64)) {
+        self.warn_at(Instant::now(), log);
+    }
+
+    fn warn_at(&self, now: Instant, log: impl FnOnce(u64)) {
+        match self.last.get() {
+            Some(last) if now.saturating_duration_since(last) < self.period => {
+                self.suppressed.set(self.suppressed.get() + 1);
+            }
+            _ => {
+                log(self.suppressed.replace(0));
+                self.last.set(Some(now));
+            }
+        }
+    }
+}
+
 /// Everything one shard owns. Tasks share it through `Rc`; borrows never cross an `.await`.
 pub struct Shard {
     pub id: usize,
@@ -227,6 +266,8 @@ pub struct Shard {
     /// Requests as forwarded to a backend (head, plus a body small enough to replay); one
     /// grown by a large body is freed rather than kept.
     pub request_buffers: BufferPool,
+    /// Out of descriptors (or memory) on accept or connect: warned about every 10 s at most.
+    pub shortage: WarnEvery,
 }
 
 impl Shard {
@@ -355,6 +396,7 @@ pub fn start(
                     client_buffers: BufferPool::new(CLIENT_BUFFER, 256),
                     pipes: PipePool::default(),
                     request_buffers: BufferPool::new(4 * 1024, 256),
+                    shortage: WarnEvery::new(SHORTAGE_WARNING_PERIOD),
                     config,
                 });
                 shard.apply(&initial);
@@ -486,7 +528,13 @@ async fn run(
             Some(Ok((stream, peer))) => spawn_connection(&shard, stream, peer),
             Some(Err(e)) => {
                 // EMFILE and friends: back off briefly instead of spinning.
-                warn!("accept failed on shard {}: {e}", shard.id);
+                shard.shortage.warn(|suppressed| {
+                    warn!(
+                        "accept failed on shard {}: {e} ({suppressed} more such failures since \
+                         the last warning); raise the descriptor limit (LimitNOFILE, ulimit -n)",
+                        shard.id
+                    )
+                });
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -708,6 +756,19 @@ mod tests {
         finished
             .recv_timeout(Duration::from_secs(20))
             .expect("the executor finished its turns instead of spinning in the peek");
+    }
+
+    #[test]
+    fn a_repeated_warning_is_logged_once_per_period_with_the_count_it_skipped() {
+        let warning = WarnEvery::new(Duration::from_secs(10));
+        let t = Instant::now();
+        let logged = RefCell::new(Vec::new());
+        for offset in [0, 1, 5, 9, 10, 11, 25] {
+            warning.warn_at(t + Duration::from_secs(offset), |skipped| {
+                logged.borrow_mut().push((offset, skipped))
+            });
+        }
+        assert_eq!(*logged.borrow(), [(0, 0), (10, 3), (25, 1)]);
     }
 
     #[test]

@@ -898,3 +898,68 @@ fn chunked_uploads_on_connections_the_backend_closed_while_pooled_never_fail() {
     }
     assert_eq!(backend.requests(), 20);
 }
+
+/// Descriptors in use by process `pid`.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn running_out_of_descriptors_is_a_503_not_a_backend_failure() {
+    let backend = Backend::named("up");
+    let lb = Balancer::serving(&[(backend.addr, 1.0)]);
+    let pid = lb.pid();
+    // Three client connections accepted, then no descriptor left for anything else.
+    let before = open_descriptors(pid);
+    let clients: Vec<_> = (0..3).map(|_| connect(lb.addr)).collect();
+    eventually("the three connections to be accepted", || {
+        open_descriptors(pid) >= before + 3
+    });
+    // A new descriptor takes the lowest free number, which must be under the limit: with a
+    // limit of 3 (stdin, stdout, stderr) every new one fails, holes in the table or not.
+    let limit = |new: Option<libc::rlimit>| {
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let new_ptr = new
+            .as_ref()
+            .map_or(std::ptr::null(), |n| n as *const libc::rlimit);
+        // SAFETY: prlimit(2) on our own child, with valid rlimit structs to read and fill.
+        let set =
+            unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, new_ptr, &mut old) };
+        assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+        old
+    };
+    let normal = limit(None);
+    limit(Some(libc::rlimit {
+        rlim_cur: 3,
+        rlim_max: normal.rlim_max,
+    }));
+
+    for (i, client) in clients.into_iter().enumerate() {
+        let mut writer = client.try_clone().unwrap();
+        let mut reader = BufReader::new(client);
+        let resp = get_on(&mut writer, &mut reader, &format!("/starved/{i}"));
+        assert_eq!(resp.status, 503, "request {i}: {}", resp.text());
+    }
+    limit(Some(normal));
+    let (_, servers) = lb.admin_get("/servers");
+    assert!(servers.contains("\"ejected_shards\":0"), "{servers}");
+    let connect_errors = format!(
+        "balancer_backend_errors_total{{backend=\"{}\",kind=\"connect\"}}",
+        backend.addr
+    );
+    assert_eq!(lb.metric(&connect_errors).unwrap_or(0.0), 0.0);
+    let warnings = lb
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("raise the descriptor limit"))
+        .count();
+    assert_eq!(
+        warnings,
+        1,
+        "one warning for three failures:\n{}",
+        lb.log_text()
+    );
+}
