@@ -46,6 +46,9 @@ const LINGER: Duration = Duration::from_secs(2);
 
 /// While draining, how long a just-accepted connection may take to send its first request.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+/// How long a connection waits for its next request with its receive buffer; idle longer, it
+/// gives the buffer back until bytes arrive (an idle connection then costs no 16 KiB).
+const IDLE_WITH_BUFFER: Duration = Duration::from_secs(1);
 
 /// What happens to the client connection after a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +119,7 @@ async fn read_head(
 ) -> HeadRead {
     let config = &shard.config;
     let mut deadline = None;
+    let mut idle_deadline = None;
     loop {
         if client.has_pending() {
             match parse_request(client.pending(), head) {
@@ -152,7 +156,11 @@ async fn read_head(
                 _ => return HeadRead::Closed,
             }
         } else {
-            client.set_read_timeout(Some(config.client_idle_timeout));
+            let idle_until = *idle_deadline
+                .get_or_insert_with(|| glommio::timer::now() + config.client_idle_timeout);
+            // A busy connection's next request comes soon: wait for it with the buffer ready.
+            let grace = config.client_idle_timeout.min(IDLE_WITH_BUFFER);
+            client.set_read_timeout(Some(grace));
             let read = futures_lite::future::or(
                 async { Some(client.fill(CLIENT_BUFFER_MAX).await) },
                 async {
@@ -165,6 +173,27 @@ async fn read_head(
                 // The header deadline starts when a head turns out to be incomplete (the
                 // `get_or_insert_with` above): most heads arrive whole, and need no clock read.
                 Some(Ok(n)) if n > 0 => {}
+                Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                    let left = idle_until.saturating_duration_since(glommio::timer::now());
+                    if left.is_zero() {
+                        return HeadRead::Closed;
+                    }
+                    // Idle for a while: hold no buffer until something arrives.
+                    shard.client_buffers.put_filled(client.release_buffer());
+                    client.set_read_timeout(Some(left));
+                    let ready =
+                        futures_lite::future::or(async { Some(client.readable().await) }, async {
+                            shard.shutdown.wait().await;
+                            None
+                        })
+                        .await;
+                    client.restore_buffer(shard.client_buffers.take_filled());
+                    match ready {
+                        Some(Ok(())) => {}
+                        None if first => continue,
+                        _ => return HeadRead::Closed,
+                    }
+                }
                 // Shutdown while waiting for a first request: the grace branch above serves it.
                 None if first => continue,
                 _ => return HeadRead::Closed,

@@ -49,6 +49,29 @@ impl Conn {
         self.buf
     }
 
+    /// Hands the receive buffer back while the connection idles with nothing pending, so that
+    /// thousands of idle keep-alive connections hold no buffers; `restore_buffer` before the
+    /// next read.
+    pub fn release_buffer(&mut self) -> Vec<u8> {
+        debug_assert!(!self.has_pending());
+        self.clear();
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Gives a released connection a receive buffer again (its length is the capacity).
+    pub fn restore_buffer(&mut self, buf: Vec<u8>) {
+        debug_assert!(self.buf.is_empty() && !buf.is_empty());
+        self.buf = buf;
+    }
+
+    /// Waits, under the read timeout, until the socket holds a byte, an end of stream or an
+    /// error; reads nothing (a one-byte peek once the read poll reports it).
+    pub async fn readable(&mut self) -> io::Result<()> {
+        futures_lite::future::poll_fn(|cx| self.stream.poll_read_with(cx, 0, peek))
+            .await
+            .map(|_| ())
+    }
+
     pub fn pending(&self) -> &[u8] {
         &self.buf[self.start..self.end]
     }
@@ -80,6 +103,7 @@ impl Conn {
     /// `fill`, taking at most `limit` (> 0) bytes from the socket: whatever is behind them is
     /// left there for the caller to move some other way (splice).
     pub async fn fill_at_most(&mut self, max_capacity: usize, limit: usize) -> io::Result<usize> {
+        debug_assert!(!self.buf.is_empty(), "read into a released buffer");
         if self.end == self.buf.len() && !self.compact() {
             if self.buf.len() < max_capacity {
                 let grown = (self.buf.len() * 2).min(max_capacity);
@@ -319,6 +343,26 @@ pub async fn tunnel(a: &mut TcpStream, b: &mut TcpStream, idle: Duration) {
         glommio::timer::sleep(TUNNEL_CLOSE_GRACE),
     )
     .await;
+}
+
+/// recv(2) of one byte with MSG_PEEK: the byte stays for the next read.
+#[allow(unsafe_code)]
+fn peek(fd: std::os::unix::io::RawFd) -> io::Result<usize> {
+    let mut byte = 0u8;
+    // SAFETY: recv(2) writes at most one byte into `byte`, which outlives the call.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 #[cfg(test)]
