@@ -963,3 +963,25 @@ fn running_out_of_descriptors_is_a_503_not_a_backend_failure() {
         lb.log_text()
     );
 }
+
+/// A connection idle for over a second gives its receive buffer back until bytes arrive
+/// (README, Tuning); requests after such a pause, first ones included, are served as usual.
+#[test]
+fn requests_after_a_pause_longer_than_the_buffer_grace_are_served() {
+    let backend = Backend::named("up");
+    let lb = Balancer::serving(&[(backend.addr, 1.0)]);
+    let pause = Duration::from_millis(1300);
+    let client = connect(lb.addr);
+    let mut writer = client.try_clone().unwrap();
+    let mut reader = BufReader::new(client);
+    std::thread::sleep(pause);
+    assert_eq!(get_on(&mut writer, &mut reader, "/first").status, 200);
+    std::thread::sleep(pause);
+    // A head whose first bytes end the pause and whose rest follows.
+    writer.write_all(b"GET /split HTT").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    writer.write_all(b"P/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let resp = read_response(&mut reader, false).expect("an answer");
+    assert_eq!(resp.text(), "up");
+    assert_eq!(get_on(&mut writer, &mut reader, "/third").status, 200);
+}
