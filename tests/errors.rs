@@ -485,6 +485,15 @@ fn gets_on_connections_the_backend_closed_while_pooled_never_fail() {
     assert_eq!(backend.requests(), 50);
 }
 
+/// The answer the raw test backends below give to `path`: `for {path}`, keep-alive.
+fn answer_for(path: &str) -> String {
+    let body = format!("for {path}");
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// After its response, writes more on the connection once it is idle in the balancer's pool:
 /// a second, unasked-for response after `/then-a-stray-response`, or (as some servers do on
 /// idle keep-alive connections) `408` and a close after `/then-408`. Every response's body
@@ -494,12 +503,7 @@ fn backend_speaking_out_of_turn() -> RawBackend {
         let mut writer = conn.try_clone().unwrap();
         let mut reader = BufReader::new(conn);
         while let Some((_method, path, _headers)) = read_request(&mut reader) {
-            let body = format!("for {path}");
-            let reply = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            if writer.write_all(reply.as_bytes()).is_err() {
+            if writer.write_all(answer_for(&path).as_bytes()).is_err() {
                 return;
             }
             let late = match path.as_str() {
@@ -576,14 +580,7 @@ fn backend_overrunning_large_bodies() -> RawBackend {
                     }
                     r
                 }
-                _ => {
-                    let body = format!("for {path}");
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .into_bytes()
-                }
+                _ => answer_for(&path).into_bytes(),
             };
             if writer.write_all(&reply).is_err() {
                 return;
@@ -687,12 +684,7 @@ fn backend_dying_on_posts_and_timing_out_reused_connections(posts: Arc<AtomicUsi
                 );
                 return;
             }
-            let body = format!("for {path}");
-            let reply = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            if writer.write_all(reply.as_bytes()).is_err() {
+            if writer.write_all(answer_for(&path).as_bytes()).is_err() {
                 return;
             }
             served += 1;
