@@ -191,29 +191,42 @@ fn handle(mut stream: TcpStream, status: &Status) -> io::Result<()> {
     if method != "GET" && method != "HEAD" {
         return respond(&mut stream, 405, "text/plain", "method not allowed\n");
     }
-    match path {
-        "/metrics" => respond(
-            &mut stream,
+    let (status, content_type, body) = match path {
+        "/metrics" => (
             200,
             "text/plain; version=0.0.4; charset=utf-8",
-            &render(&status.shards, &status.global),
+            render(&status.shards, &status.global),
         ),
-        "/servers" => respond(&mut stream, 200, "application/json", &status.servers_json()),
+        "/servers" => (200, "application/json", status.servers_json()),
         "/healthz" if status.shutting_down.load(Relaxed) => {
-            respond(&mut stream, 503, "text/plain", "shutting down\n")
+            (503, "text/plain", "shutting down\n".to_owned())
         }
-        "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n"),
-        _ => respond(&mut stream, 404, "text/plain", "not found\n"),
+        "/healthz" => (200, "text/plain", "ok\n".to_owned()),
+        _ => (404, "text/plain", "not found\n".to_owned()),
+    };
+    if method == "HEAD" {
+        // The head alone (RFC 9110 §9.3.2), its Content-Length that of the GET's body.
+        write_head(&mut stream, status, content_type, body.len())?;
+        return stream.flush();
     }
+    respond(&mut stream, status, content_type, &body)
+}
+
+fn write_head(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    len: usize,
+) -> io::Result<()> {
+    let reason = crate::http::reason_phrase(status);
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes())
 }
 
 fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> io::Result<()> {
-    let reason = crate::http::reason_phrase(status);
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
+    write_head(stream, status, content_type, body.len())?;
     stream.write_all(body.as_bytes())?;
     stream.flush()
 }

@@ -231,6 +231,13 @@ async fn respond_unforwarded(
     let keep_alive = read_whole && head.keep_alive && !shard.shutdown.is_fired();
     let mut out = Vec::with_capacity(256);
     write_error_response_for(status, keep_alive, head.version, &mut out);
+    if head.is_head {
+        // RFC 9110 §9.3.2: the head alone (its Content-Length tells the body's size); a body
+        // would be read as the next response on the kept connection.
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            out.truncate(end + 4);
+        }
+    }
     let written = client.write_all(&out).await.is_ok();
     shard.metrics.record_request(status, started.elapsed());
     match (keep_alive, written) {
@@ -286,6 +293,8 @@ async fn handle_request(
     let forward = match crate::lookup::consult(shard, client, head, started).await {
         CacheStep::Served(next) => return next,
         CacheStep::TimedOut => {
+            // The request (it has no body) is answered here: its bytes must not be read again.
+            client.consume(head.head_len);
             return respond_unforwarded(shard, client, head, true, 504, started).await;
         }
         CacheStep::Forward(forward) => forward,

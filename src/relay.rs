@@ -298,7 +298,8 @@ pub async fn relay_response(
         interim_relayed = true;
     }
     let status = resp.status;
-    if status == 408 && upstream.reused && !interim_relayed && ex.replayable() {
+    // Only one that closes: a backend answering 408 to requests as such is relayed.
+    if status == 408 && !resp.keep_alive && upstream.reused && !interim_relayed && ex.replayable() {
         // A backend's idle timeout that crossed the request on its way: the connection was
         // stale, and the caller sends the request again on a fresh one (as browsers do).
         return Err(Failure::Upstream(UpstreamError::new(

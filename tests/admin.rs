@@ -677,6 +677,31 @@ fn admin_connections_beyond_the_limit_get_503_at_once() {
 }
 
 #[test]
+fn admin_head_requests_get_the_head_alone() {
+    let backend = Backend::named("a");
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    let admin = balancer.admin.expect("admin listener");
+    for path in ["/healthz", "/metrics", "/servers"] {
+        let mut s = TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(format!("HEAD {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut all = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut all).unwrap();
+        let text = String::from_utf8_lossy(&all);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{path}: {text}");
+        assert!(
+            text.ends_with("\r\n\r\n"),
+            "{path}: a body followed the head: {text}"
+        );
+        assert!(
+            !text.contains("Content-Length: 0\r\n"),
+            "{path}: the GET's length"
+        );
+    }
+}
+
+#[test]
 fn unknown_admin_path_is_404() {
     let backend = Backend::named("a");
     let balancer = Balancer::serving(&[(backend.addr, 1.0)]);

@@ -1353,6 +1353,53 @@ fn a_head_miss_does_not_make_gets_wait_for_it() {
 }
 
 #[test]
+fn a_waiter_answered_504_with_its_leader_gets_one_answer_per_request() {
+    let gate = Arc::new(Gate::default());
+    let held = gate.clone();
+    let backend = Backend::start(Arc::new(move |seen: &Seen| {
+        if seen.target.ends_with(".css") {
+            held.wait();
+        }
+        Reply::Bytes(response("200 OK", &[], body_for(&seen.target).as_bytes()))
+    }));
+    let lb = balancer(
+        &backend,
+        &[("BALANCER_CPUS", "0"), ("REQUEST_TIMEOUT", "1")],
+    );
+    for round in 0..3 {
+        let target = format!("/together-{round}.css");
+        let other = format!("/after-{round}");
+        // Sent back to back, so that the waiter's REQUEST_TIMEOUT ends with the leader's.
+        let mut leader = connect(lb.addr);
+        let mut waiter = connect(lb.addr);
+        leader
+            .write_all(raw_request("GET", &target, &[], false).as_bytes())
+            .unwrap();
+        let mut pipelined = raw_request("GET", &target, &[], false);
+        pipelined.push_str(&raw_request("GET", &other, &[], false));
+        waiter.write_all(pipelined.as_bytes()).unwrap();
+
+        let mut leader = BufReader::new(leader);
+        assert_eq!(
+            read_response(&mut leader, false).expect("leader").status,
+            504
+        );
+        let mut waiter = BufReader::new(waiter);
+        assert_eq!(
+            read_response(&mut waiter, false).expect("waiter").status,
+            504
+        );
+        let next = read_response(&mut waiter, false).expect("the pipelined answer");
+        assert_eq!(
+            next.text(),
+            body_for(&other),
+            "round {round}: one answer per request"
+        );
+    }
+    gate.open();
+}
+
+#[test]
 fn waiters_on_a_timed_out_miss_get_504_within_their_own_request_timeout() {
     let gate = Arc::new(Gate::default());
     let held = gate.clone();

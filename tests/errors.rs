@@ -125,6 +125,48 @@ fn a_502_for_a_request_read_whole_keeps_the_client_connection() {
 }
 
 #[test]
+fn an_error_answer_to_a_head_request_has_no_body_on_a_kept_connection() {
+    let lb = Balancer::start(&[("BACKENDS", "[]")]);
+    let client = connect(lb.addr);
+    let mut writer = client.try_clone().unwrap();
+    let mut reader = BufReader::new(client);
+    writer
+        .write_all(b"HEAD /x HTTP/1.1\r\nHost: t\r\n\r\nGET /y HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let head = read_response(&mut reader, true).expect("the HEAD answer");
+    assert_eq!(head.status, 503);
+    assert_eq!(head.header("connection"), None, "kept alive");
+    let get = read_response(&mut reader, false).expect("the GET answer");
+    assert_eq!(
+        get.status, 503,
+        "the GET's answer follows the HEAD's head directly"
+    );
+    assert!(get.text().starts_with("503"), "{get:?}");
+}
+
+#[test]
+fn a_backend_answering_408_and_keeping_the_connection_is_relayed_not_retried() {
+    let backend = Backend::start(Arc::new(|seen: &Seen| {
+        if seen.target == "/warm" {
+            Reply::Bytes(ok(b"warm"))
+        } else {
+            Reply::Bytes(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 4\r\n\r\nslow".to_vec())
+        }
+    }));
+    let lb = Balancer::serving(&[(backend.addr, 1.0)]);
+    let client = connect(lb.addr);
+    let mut writer = client.try_clone().unwrap();
+    let mut reader = BufReader::new(client);
+    assert_eq!(get_on(&mut writer, &mut reader, "/warm").status, 200);
+    assert_eq!(get_on(&mut writer, &mut reader, "/answer").status, 408);
+    assert_eq!(
+        backend.requests(),
+        2,
+        "the 408 was the backend's answer, not a stale connection"
+    );
+}
+
+#[test]
 fn every_backend_refusing_connections_answers_502() {
     // Held (bound, not listening) for the whole test: refused, and nobody else's meanwhile.
     let (dead_a, dead_b) = (HeldPort::refusing(), HeldPort::refusing());

@@ -73,8 +73,9 @@ pub fn storability(
     let mut vary_accept_encoding = false;
     for &(name, value) in headers {
         if name.eq_ignore_ascii_case(b"age") {
-            // RFC 9111 §5.1: the first line; an invalid value is ignored.
-            age = age.or_else(|| Some(delta_seconds(trim(value))));
+            // RFC 9111 §5.1: the first member of the first line; an invalid one is ignored.
+            let first = value.split(|&b| b == b',').next().unwrap_or_default();
+            age = age.or_else(|| Some(delta_seconds(trim(first))));
         } else if name.eq_ignore_ascii_case(b"set-cookie") {
             return Storability::Skip("response sets a cookie");
         } else if name.eq_ignore_ascii_case(b"vary") {
@@ -305,6 +306,8 @@ mod tests {
             (200, &[("Cache-Control", "max-age=52"), ("Age", "50")], Some(1), aged(2, 50)),
             (200, &[("Age", " 10 "), ("Age", "40")], Some(1), aged(50, 10)),
             (200, &[("Age", "abc")], Some(1), store(60, false)),
+            (200, &[("Age", "3, 4")], Some(1), aged(57, 3)),
+            (200, &[("Age", "1.5")], Some(1), store(60, false)),
             (200, &[("Age", "-5")], Some(1), store(60, false)),
             (200, &[("Cache-Control", "max-age=50"), ("Age", "50")], Some(1), skip("already stale: its age is at least its lifetime")),
             (200, &[("Age", "99999999999999999999")], Some(1), skip("already stale: its age is at least its lifetime")),
