@@ -61,6 +61,11 @@ pub struct FlightGuard {
 }
 
 impl FlightGuard {
+    /// The leader's response head has arrived (see `Flight::mark_answered`).
+    pub fn answered(&self) {
+        self.flight.mark_answered();
+    }
+
     pub fn end(&self, end: FlightEnd) {
         self.shard
             .flights
@@ -129,6 +134,12 @@ pub async fn consult(
                 return CacheStep::Served(serve_hit(shard, client, head, &entry, started).await);
             }
             shard.metrics.cache_misses.inc();
+            // Its own REQUEST_TIMEOUT is over and the leader, which asked first, still has no
+            // response head (it started its clock only once connected): a 504, not a second
+            // full timeout of its own.
+            if waited.is_err() && flight.end() == FlightEnd::Running && !flight.is_answered() {
+                return CacheStep::TimedOut;
+            }
             let mut forward = Forward::plain(shard, Some(candidate));
             if waited.is_ok() && flight.end() == FlightEnd::TimedOut {
                 let left = deadline.saturating_duration_since(Instant::now());

@@ -298,6 +298,9 @@ pub async fn relay_response(
         interim_relayed = true;
     }
     let status = resp.status;
+    if let Some(flight) = ex.flight {
+        flight.answered();
+    }
     // Only one that closes: a backend answering 408 to requests as such is relayed.
     if status == 408 && !resp.keep_alive && upstream.reused && !interim_relayed && ex.replayable() {
         // A backend's idle timeout that crossed the request on its way: the connection was

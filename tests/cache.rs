@@ -1378,6 +1378,7 @@ fn a_waiter_answered_504_with_its_leader_gets_one_answer_per_request() {
         let mut pipelined = raw_request("GET", &target, &[], false);
         pipelined.push_str(&raw_request("GET", &other, &[], false));
         waiter.write_all(pipelined.as_bytes()).unwrap();
+        let sent = Instant::now();
 
         let mut leader = BufReader::new(leader);
         assert_eq!(
@@ -1388,6 +1389,13 @@ fn a_waiter_answered_504_with_its_leader_gets_one_answer_per_request() {
         assert_eq!(
             read_response(&mut waiter, false).expect("waiter").status,
             504
+        );
+        // One REQUEST_TIMEOUT (1 s) for both, not one for the leader and a second for the
+        // waiter's own attempt.
+        let waited = sent.elapsed();
+        assert!(
+            waited < Duration::from_millis(1800),
+            "round {round}: {waited:?}"
         );
         let next = read_response(&mut waiter, false).expect("the pipelined answer");
         assert_eq!(

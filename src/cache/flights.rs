@@ -42,6 +42,8 @@ pub enum FlightEnd {
 /// One leader's fetch, shared with its waiters.
 pub struct Flight {
     end: std::cell::Cell<FlightEnd>,
+    /// The leader has its response head.
+    answered: std::cell::Cell<bool>,
     signal: Signal,
 }
 
@@ -49,12 +51,23 @@ impl Flight {
     fn new() -> Self {
         Flight {
             end: std::cell::Cell::new(FlightEnd::Running),
+            answered: std::cell::Cell::new(false),
             signal: Signal::default(),
         }
     }
 
     pub fn end(&self) -> FlightEnd {
         self.end.get()
+    }
+
+    /// Records that the leader's response head arrived: a waiter whose own REQUEST_TIMEOUT
+    /// runs out before that has waited that long for a head, like the leader.
+    pub fn mark_answered(&self) {
+        self.answered.set(true);
+    }
+
+    pub fn is_answered(&self) -> bool {
+        self.answered.get()
     }
 
     /// Completes once the leader has ended.
