@@ -134,14 +134,18 @@ pub async fn consult(
                 return CacheStep::Served(serve_hit(shard, client, head, &entry, started).await);
             }
             shard.metrics.cache_misses.inc();
-            // Its own REQUEST_TIMEOUT is over and the leader, which asked first, still has no
-            // response head (it started its clock only once connected): a 504, not a second
-            // full timeout of its own.
-            if waited.is_err() && flight.end() == FlightEnd::Running && !flight.is_answered() {
-                return CacheStep::TimedOut;
-            }
+            // The backend gave the leader no response head, as far as this waiter's own
+            // REQUEST_TIMEOUT goes: the leader timed out, or it is still waiting when the
+            // waiter's time is up (the leader starts its clock only once connected). The
+            // waiter then has only what is left of its time: a slow backend costs it one
+            // timeout, not two.
+            let leader_unanswered = match flight.end() {
+                FlightEnd::TimedOut => true,
+                FlightEnd::Running => waited.is_err() && !flight.is_answered(),
+                FlightEnd::Done | FlightEnd::NotStored => false,
+            };
             let mut forward = Forward::plain(shard, Some(candidate));
-            if waited.is_ok() && flight.end() == FlightEnd::TimedOut {
+            if leader_unanswered {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left < MIN_HEAD_WAIT {
                     return CacheStep::TimedOut;
