@@ -161,14 +161,10 @@ async fn read_head(
             // A busy connection's next request comes soon: wait for it with the buffer ready.
             let grace = config.client_idle_timeout.min(IDLE_WITH_BUFFER);
             client.set_read_timeout(Some(grace));
-            let read = futures_lite::future::or(
-                async { Some(client.fill(CLIENT_BUFFER_MAX).await) },
-                async {
-                    shard.shutdown.wait().await;
-                    None
-                },
-            )
-            .await;
+            let read = shard
+                .shutdown
+                .unless_fired(client.fill(CLIENT_BUFFER_MAX))
+                .await;
             match read {
                 // The header deadline starts when a head turns out to be incomplete (the
                 // `get_or_insert_with` above): most heads arrive whole, and need no clock read.
@@ -181,12 +177,7 @@ async fn read_head(
                     // Idle for a while: hold no buffer until something arrives.
                     shard.client_buffers.put_filled(client.release_buffer());
                     client.set_read_timeout(Some(left));
-                    let ready =
-                        futures_lite::future::or(async { Some(client.readable().await) }, async {
-                            shard.shutdown.wait().await;
-                            None
-                        })
-                        .await;
+                    let ready = shard.shutdown.unless_fired(client.readable()).await;
                     client.restore_buffer(shard.client_buffers.take_filled());
                     match ready {
                         Some(Ok(())) => {}

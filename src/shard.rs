@@ -153,6 +153,15 @@ impl Signal {
             slot: None,
         }
     }
+
+    /// Runs `work` until it completes (`Some`) or the signal fires first (`None`).
+    pub async fn unless_fired<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        futures_lite::future::or(async { Some(work.await) }, async {
+            self.wait().await;
+            None
+        })
+        .await
+    }
     /// Waiters currently registered.
     #[cfg(test)]
     fn waiting(&self) -> usize {
@@ -517,11 +526,9 @@ async fn run(
     }
 
     loop {
-        let accepted =
-            futures_lite::future::or(async { Some(listener.accept_with_peer().await) }, async {
-                shard.shutdown.wait().await;
-                None
-            })
+        let accepted = shard
+            .shutdown
+            .unless_fired(listener.accept_with_peer())
             .await;
         match accepted {
             None => break,
