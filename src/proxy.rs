@@ -18,8 +18,8 @@ use crate::cache::flights::FlightEnd;
 use crate::cache::{storability, CachedResponse, Storability};
 use crate::client::{connect, Upstream, UpstreamError};
 use crate::http::{
-    parse_request, write_error_response, write_error_response_for, write_forward_request,
-    HttpError, RequestFraming, RequestHead,
+    parse_request, write_error_head_for, write_error_response, write_error_response_for,
+    write_forward_request, HttpError, RequestFraming, RequestHead,
 };
 use crate::lookup::{CacheStep, FlightGuard};
 use crate::metrics::ErrorKind;
@@ -221,13 +221,11 @@ async fn respond_unforwarded(
 ) -> Next {
     let keep_alive = read_whole && head.keep_alive && !shard.shutdown.is_fired();
     let mut out = Vec::with_capacity(256);
-    write_error_response_for(status, keep_alive, head.version, &mut out);
     if head.is_head {
-        // RFC 9110 §9.3.2: the head alone (its Content-Length tells the body's size); a body
-        // would be read as the next response on the kept connection.
-        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-            out.truncate(end + 4);
-        }
+        // A body would be read as the next response on the kept connection.
+        write_error_head_for(status, keep_alive, head.version, &mut out);
+    } else {
+        write_error_response_for(status, keep_alive, head.version, &mut out);
     }
     let written = client.write_all(&out).await.is_ok();
     shard.metrics.record_request(status, started.elapsed());
@@ -326,6 +324,9 @@ async fn handle_request(
         framing => BodyPlan::Streamed(framing),
     };
     client.consume(head.head_len);
+    // An answer of our own (502, 503, 504) may keep the connection only when nothing of this
+    // request is left to read.
+    let read_whole = plan == BodyPlan::Buffered;
 
     // Servers already tried for this request (no allocation on the request path).
     let mut tried = [None::<SocketAddr>; MAX_RETRIES + 1];
@@ -343,7 +344,6 @@ async fn handle_request(
                 Some(e) if e.kind == ErrorKind::Timeout => 504,
                 Some(_) => 502,
             };
-            let read_whole = plan == BodyPlan::Buffered;
             return respond_unforwarded(shard, client, head, read_whole, status, started).await;
         };
         tried[attempts] = Some(pick.backend.addr);
@@ -400,7 +400,6 @@ async fn handle_request(
                         shard.id, pick.backend.label, error.detail
                     )
                 });
-                let read_whole = plan == BodyPlan::Buffered;
                 return respond_unforwarded(shard, client, head, read_whole, 503, started).await;
             }
             Err(Failure::Upstream(error)) => {
@@ -434,7 +433,6 @@ async fn handle_request(
                     } else {
                         502
                     };
-                    let read_whole = plan == BodyPlan::Buffered;
                     return respond_unforwarded(shard, client, head, read_whole, status, started)
                         .await;
                 }

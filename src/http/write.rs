@@ -296,6 +296,18 @@ pub fn write_error_response_for(
     client_version: Version,
     out: &mut Vec<u8>,
 ) {
+    write_error_head_for(status, keep_alive, client_version, out);
+    put_error_body(status, out);
+}
+
+/// The head of `write_error_response_for` alone, as the answer to a HEAD request (its
+/// Content-Length is the body's that a GET would get, RFC 9110 §9.3.2).
+pub fn write_error_head_for(
+    status: u16,
+    keep_alive: bool,
+    client_version: Version,
+    out: &mut Vec<u8>,
+) {
     let reason = reason_phrase(status);
     put_status_line(out, status, reason.as_bytes());
     out.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: ");
@@ -312,9 +324,18 @@ pub fn write_error_response_for(
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// The body of an answer the balancer makes: the status digits, a space, the lower-case
+/// phrase, a newline.
+fn put_error_body(status: u16, out: &mut Vec<u8>) {
     put_u64(out, u64::from(status));
     out.push(b' ');
-    out.extend(reason.bytes().map(|b| b.to_ascii_lowercase()));
+    out.extend(
+        reason_phrase(status)
+            .bytes()
+            .map(|b| b.to_ascii_lowercase()),
+    );
     out.push(b'\n');
 }
 
