@@ -419,8 +419,7 @@ async fn handle_request(
                 let retry = attempts <= MAX_RETRIES
                     && match error.kind {
                         ErrorKind::Connect | ErrorKind::Reset => {
-                            !error.request_sent
-                                || (head.idempotent && has_no_body(head) && !error.response_started)
+                            !error.request_sent || (may_send_twice(head) && !error.response_started)
                         }
                         ErrorKind::Timeout | ErrorKind::BadResponse => false,
                     };
@@ -442,13 +441,15 @@ async fn handle_request(
     }
 }
 
+/// SPEC §6: only an idempotent method without a body may reach a backend twice.
 /// `Content-Length: 0` is an empty body (RFC 9110 §8.6): such a request is as safe to replay
 /// as one without the header.
-fn has_no_body(head: &RequestHead) -> bool {
-    matches!(
-        head.framing,
-        RequestFraming::None | RequestFraming::Length(0)
-    )
+fn may_send_twice(head: &RequestHead) -> bool {
+    head.idempotent
+        && matches!(
+            head.framing,
+            RequestFraming::None | RequestFraming::Length(0)
+        )
 }
 
 fn record(shard: &Shard, pick: &Pick, outcome: Outcome) {
@@ -535,7 +536,7 @@ impl Exchange<'_> {
     /// pooled connection, so a backend that closed one while idle (or reads a POST, then
     /// dies) never makes a request run twice, nor fail when it needs not.
     pub fn replayable(&self) -> bool {
-        self.plan == BodyPlan::Buffered && self.head.idempotent && has_no_body(self.head)
+        self.plan == BodyPlan::Buffered && may_send_twice(self.head)
     }
 
     async fn run(&self, client: &mut Conn, pick: &Pick) -> Result<Relayed, Failure> {

@@ -334,7 +334,7 @@ pub async fn relay_response(
     let pending = upstream.conn.pending();
     let mut store_plan = plan_store(ex, &resp, pending);
     if store_plan.is_none() {
-        end_flight_unstored(ex);
+        end_flight_unstored(ex.flight);
     }
     let large_body = splices_after_small_head_read(resp.framing, store_plan.is_some());
     let extra: &[(&str, &str)] = if ex.candidate.is_some() {
@@ -381,7 +381,7 @@ pub async fn relay_response(
             match (ex.candidate, store_plan) {
                 (Some(candidate), Some(plan)) => store(shard, candidate, status, plan),
                 // Over CACHE_MAX_OBJECT_BYTES only once its body arrived.
-                _ => end_flight_unstored(ex),
+                _ => end_flight_unstored(ex.flight),
             }
             let next = if keep_alive {
                 Next::KeepAlive
@@ -405,8 +405,8 @@ pub async fn relay_response(
 
 /// Releases the requests waiting on this cache miss to go to a backend themselves, at once:
 /// nothing will be stored for them to wait for.
-fn end_flight_unstored(ex: &Exchange<'_>) {
-    if let Some(flight) = ex.flight {
+fn end_flight_unstored(flight: Option<&FlightGuard>) {
+    if let Some(flight) = flight {
         flight.end(FlightEnd::NotStored);
     }
 }
@@ -482,9 +482,7 @@ async fn stream_body(
                 *plan = None;
                 // Too large after all (chunked, or delimited by the close): the requests
                 // waiting for it to be stored need not wait for the rest.
-                if let Some(flight) = flight {
-                    flight.end(FlightEnd::NotStored);
-                }
+                end_flight_unstored(flight);
             } else {
                 p.body.extend_from_slice(bytes);
             }
@@ -721,13 +719,13 @@ fn top_up(
     }
 }
 
-/// A response body being copied for the cache while it streams to the client.
 /// The copy of a body kept for the cache, and the misses waiting for it.
 struct StoreCopy<'p, 'f> {
     plan: &'p mut Option<StorePlan>,
     flight: Option<&'f FlightGuard>,
 }
 
+/// A response body being copied for the cache while it streams to the client.
 pub struct StorePlan {
     pub headers: Vec<StoredHeader>,
     pub vary_accept_encoding: bool,
