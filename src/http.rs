@@ -309,11 +309,20 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     Field::of(name).is_hop_by_hop()
 }
 
-fn find<'a>(headers: &[HeaderRange], buf: &'a [u8], name: &str) -> Option<&'a [u8]> {
+/// The values of every field named `name` (case-insensitive), in order.
+fn values<'h, 'b, 'n>(
+    headers: &'h [HeaderRange],
+    buf: &'b [u8],
+    name: &'n str,
+) -> impl Iterator<Item = &'b [u8]> + use<'h, 'b, 'n> {
     headers
         .iter()
-        .find(|h| buf[h.name.clone()].eq_ignore_ascii_case(name.as_bytes()))
-        .map(|h| &buf[h.value.clone()])
+        .filter(move |h| buf[h.name.clone()].eq_ignore_ascii_case(name.as_bytes()))
+        .map(move |h| &buf[h.value.clone()])
+}
+
+fn find<'a>(headers: &[HeaderRange], buf: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    values(headers, buf, name).next()
 }
 
 impl RequestHead {
@@ -330,11 +339,7 @@ impl RequestHead {
     /// Every line of a list-valued header as one value, joined with `,` as RFC 9110 §5.3
     /// combines them; borrowed when there is a single line (the usual case).
     pub fn combined_header<'a>(&self, buf: &'a [u8], name: &str) -> Option<Cow<'a, [u8]>> {
-        let mut lines = self
-            .headers
-            .iter()
-            .filter(|h| buf[h.name.clone()].eq_ignore_ascii_case(name.as_bytes()))
-            .map(|h| &buf[h.value.clone()]);
+        let mut lines = values(&self.headers, buf, name);
         let first = lines.next()?;
         let Some(second) = lines.next() else {
             return Some(Cow::Borrowed(first));
