@@ -74,8 +74,8 @@ pub fn storability(
     for &(name, value) in headers {
         if name.eq_ignore_ascii_case(b"age") {
             // RFC 9111 §5.1: the first member of the first line; an invalid one is ignored.
-            let first = value.split(|&b| b == b',').next().unwrap_or_default();
-            age = age.or_else(|| Some(delta_seconds(trim(first))));
+            let first = list_elements(value).next().unwrap_or_default();
+            age = age.or_else(|| Some(delta_seconds(first)));
         } else if name.eq_ignore_ascii_case(b"set-cookie") {
             return Storability::Skip("response sets a cookie");
         } else if name.eq_ignore_ascii_case(b"vary") {
@@ -198,13 +198,10 @@ mod tests {
     const MAX: usize = 1024;
 
     fn store(ttl: u64, vary: bool) -> Storability {
-        match aged(ttl, 0) {
-            Storability::Store { ttl, age, .. } => Storability::Store {
-                ttl,
-                age,
-                vary_accept_encoding: vary,
-            },
-            skip => skip,
+        Storability::Store {
+            ttl: Duration::from_secs(ttl),
+            age: 0,
+            vary_accept_encoding: vary,
         }
     }
 
