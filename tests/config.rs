@@ -289,32 +289,30 @@ fn a_second_balancer_on_a_port_in_use_exits_1_unless_told_to_share_it() {
     assert_eq!(second.addr, first.addr);
 }
 
-#[test]
-fn the_admin_port_equal_to_the_http_port_exits_2_naming_it() {
-    let (code, _, err) = run_to_exit(
-        &env_with(&[
-            ("HOST_PORT_HTTP_BALANCER", "19077"),
-            ("ADMIN_PORT", "19077"),
-        ]),
-        &[],
-    );
+/// Runs with `overrides`; asserts exit status 2 and one stderr line, the one saying
+/// `var`'s `value` is invalid.
+fn assert_invalid(overrides: &[(&str, &str)], var: &str, value: &str) {
+    let (code, _, err) = run_to_exit(&env_with(overrides), &[]);
     assert_eq!(code, Some(2), "{err}");
     assert_eq!(non_empty_lines(&err).len(), 1, "{err}");
     assert!(
-        err.starts_with("balancer: invalid ADMIN_PORT=\"19077\""),
+        err.starts_with(&format!("balancer: invalid {var}=\"{value}\"")),
         "{err}"
     );
 }
 
 #[test]
+fn the_admin_port_equal_to_the_http_port_exits_2_naming_it() {
+    let same_port = [
+        ("HOST_PORT_HTTP_BALANCER", "19077"),
+        ("ADMIN_PORT", "19077"),
+    ];
+    assert_invalid(&same_port, "ADMIN_PORT", "19077");
+}
+
+#[test]
 fn an_invalid_rust_log_exits_2_naming_it() {
-    let (code, _, err) = run_to_exit(&env_with(&[("RUST_LOG", "garbage====")]), &[]);
-    assert_eq!(code, Some(2), "{err}");
-    assert_eq!(non_empty_lines(&err).len(), 1, "{err}");
-    assert!(
-        err.starts_with("balancer: invalid RUST_LOG=\"garbage====\""),
-        "{err}"
-    );
+    assert_invalid(&[("RUST_LOG", "garbage====")], "RUST_LOG", "garbage====");
 }
 
 #[test]
