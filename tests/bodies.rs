@@ -23,12 +23,6 @@ fn store() -> Handler {
     Arc::new(|_: &Seen| Reply::Bytes(ok(b"stored")))
 }
 
-fn open(balancer: &Balancer) -> (TcpStream, BufReader<TcpStream>) {
-    let stream = connect(balancer.addr);
-    let writer = stream.try_clone().expect("clone client stream");
-    (writer, BufReader::new(stream))
-}
-
 /// Asserts the backend saw exactly `body`.
 fn assert_backend_got(backend: &Backend, body: &[u8]) {
     let seen = backend.last_seen().expect("backend saw the request");

@@ -127,13 +127,6 @@ fn assert_stored(backend: &Backend, lb: &Balancer, target: &str) {
     );
 }
 
-/// Opens a keep-alive connection: (writer, reader).
-fn keep_alive_conn(lb: &Balancer) -> (std::net::TcpStream, BufReader<std::net::TcpStream>) {
-    let stream = connect(lb.addr);
-    let writer = stream.try_clone().unwrap();
-    (writer, BufReader::new(stream))
-}
-
 /// A gate a backend handler blocks on (bounded by `WAIT`) until the test opens it.
 #[derive(Default)]
 struct Gate {
@@ -304,7 +297,7 @@ fn a_backends_x_cache_never_doubles_the_balancers() {
 fn hits_are_served_in_order_on_a_keep_alive_connection() {
     let backend = origin(&[]);
     let lb = balancer(&backend, &[]);
-    let (mut writer, mut reader) = keep_alive_conn(&lb);
+    let (mut writer, mut reader) = open(&lb);
     for (i, expected) in ["MISS", "HIT", "HIT"].into_iter().enumerate() {
         writer
             .write_all(raw_request("GET", "/ka.js", &[], false).as_bytes())
@@ -321,7 +314,7 @@ fn hits_are_served_in_order_on_a_keep_alive_connection() {
 fn pipelined_requests_are_answered_in_order_from_a_miss_then_hits() {
     let backend = origin(&[]);
     let lb = balancer(&backend, &[]);
-    let (mut writer, mut reader) = keep_alive_conn(&lb);
+    let (mut writer, mut reader) = open(&lb);
     let pipeline = [
         raw_request("GET", "/pipe.css", &[], false),
         raw_request("GET", "/pipe.css", &[], false),
@@ -842,7 +835,7 @@ fn head_is_answered_from_a_get_entry_without_a_body() {
     assert_eq!(backend.requests(), 1);
 
     // A HEAD then a GET on one connection: a body leaked after the HEAD would corrupt the GET.
-    let (mut writer, mut reader) = keep_alive_conn(&lb);
+    let (mut writer, mut reader) = open(&lb);
     writer
         .write_all(raw_request("HEAD", "/head.css", &[], false).as_bytes())
         .unwrap();

@@ -86,9 +86,7 @@ fn an_empty_server_set_answers_503_with_a_short_text_body() {
 fn a_502_for_a_request_read_whole_keeps_the_client_connection() {
     let dead = HeldPort::refusing();
     let lb = Balancer::serving(&[(dead.addr, 1.0)]);
-    let client = connect(lb.addr);
-    let mut writer = client.try_clone().unwrap();
-    let mut reader = BufReader::new(client);
+    let (mut writer, mut reader) = open(&lb);
     // Pipelined: both are answered, and the connection stays usable after them.
     writer
         .write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nPOST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
@@ -127,9 +125,7 @@ fn a_502_for_a_request_read_whole_keeps_the_client_connection() {
 #[test]
 fn an_error_answer_to_a_head_request_has_no_body_on_a_kept_connection() {
     let lb = Balancer::start(&[("BACKENDS", "[]")]);
-    let client = connect(lb.addr);
-    let mut writer = client.try_clone().unwrap();
-    let mut reader = BufReader::new(client);
+    let (mut writer, mut reader) = open(&lb);
     writer
         .write_all(b"HEAD /x HTTP/1.1\r\nHost: t\r\n\r\nGET /y HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
@@ -154,9 +150,7 @@ fn a_backend_answering_408_and_keeping_the_connection_is_relayed_not_retried() {
         }
     }));
     let lb = Balancer::serving(&[(backend.addr, 1.0)]);
-    let client = connect(lb.addr);
-    let mut writer = client.try_clone().unwrap();
-    let mut reader = BufReader::new(client);
+    let (mut writer, mut reader) = open(&lb);
     assert_eq!(get_on(&mut writer, &mut reader, "/warm").status, 200);
     assert_eq!(get_on(&mut writer, &mut reader, "/answer").status, 408);
     assert_eq!(
@@ -512,9 +506,7 @@ fn gets_on_connections_the_backend_closed_while_pooled_never_fail() {
     // Keep-alive answers (no `Connection: close`), but the backend closes right after each.
     let backend = Backend::start(Arc::new(|_| Reply::BytesThenClose(ok(b"fine"))));
     let lb = Balancer::serving(&[(backend.addr, 1.0)]);
-    let client = connect(lb.addr);
-    let mut writer = client.try_clone().unwrap();
-    let mut reader = BufReader::new(client);
+    let (mut writer, mut reader) = open(&lb);
     for i in 0..50 {
         writer
             .write_all(format!("GET /pooled/{i} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
@@ -677,9 +669,7 @@ fn posts_on_connections_the_backend_closed_while_pooled_never_fail() {
         Reply::BytesThenClose(reply)
     }));
     let lb = Balancer::serving(&[(backend.addr, 1.0)]);
-    let client = connect(lb.addr);
-    let mut writer = client.try_clone().unwrap();
-    let mut reader = BufReader::new(client);
+    let (mut writer, mut reader) = open(&lb);
     for i in 0..50 {
         let body = format!("payload {i}");
         writer
@@ -739,9 +729,7 @@ fn a_post_the_backend_took_and_never_answered_is_not_sent_again() {
     let posts = Arc::new(AtomicUsize::new(0));
     let backend = backend_dying_on_posts_and_timing_out_reused_connections(posts.clone());
     let lb = Balancer::serving(&[(backend.addr, 1.0)]);
-    let client = connect(lb.addr);
-    let mut writer = client.try_clone().unwrap();
-    let mut reader = BufReader::new(client);
+    let (mut writer, mut reader) = open(&lb);
     // A warm pooled connection that the POST could have been sent on.
     assert_eq!(get_on(&mut writer, &mut reader, "/warm").status, 200);
     writer
@@ -758,9 +746,7 @@ fn a_408_crossing_a_request_on_a_reused_connection_is_retried_on_a_fresh_one() {
         backend_dying_on_posts_and_timing_out_reused_connections(Arc::new(AtomicUsize::new(0)));
     let lb = Balancer::serving(&[(backend.addr, 1.0)]);
     for round in 0..3 {
-        let client = connect(lb.addr);
-        let mut writer = client.try_clone().unwrap();
-        let mut reader = BufReader::new(client);
+        let (mut writer, mut reader) = open(&lb);
         assert_eq!(
             get_on(&mut writer, &mut reader, &format!("/warm-{round}")).status,
             200
@@ -884,9 +870,7 @@ fn large_uploads_on_connections_the_backend_closed_while_pooled_never_fail() {
     // Bodies too large to buffer for a replay, so the pool must not hand out a dead connection.
     let backend = Backend::start(Arc::new(|_| Reply::BytesThenClose(ok(b"stored"))));
     let lb = Balancer::serving(&[(backend.addr, 1.0)]);
-    let client = connect(lb.addr);
-    let mut writer = client.try_clone().unwrap();
-    let mut reader = BufReader::new(client);
+    let (mut writer, mut reader) = open(&lb);
     let len = 256 * 1024;
     for i in 0..10 {
         let body = pattern(len, i);
@@ -914,9 +898,7 @@ fn large_uploads_on_connections_the_backend_closed_while_pooled_never_fail() {
 fn chunked_uploads_on_connections_the_backend_closed_while_pooled_never_fail() {
     let backend = Backend::start(Arc::new(|_| Reply::BytesThenClose(ok(b"stored"))));
     let lb = Balancer::serving(&[(backend.addr, 1.0)]);
-    let client = connect(lb.addr);
-    let mut writer = client.try_clone().unwrap();
-    let mut reader = BufReader::new(client);
+    let (mut writer, mut reader) = open(&lb);
     for i in 0..20 {
         writer
             .write_all(
@@ -1005,9 +987,7 @@ fn requests_after_a_pause_longer_than_the_buffer_grace_are_served() {
     let backend = Backend::named("up");
     let lb = Balancer::serving(&[(backend.addr, 1.0)]);
     let pause = Duration::from_millis(1300);
-    let client = connect(lb.addr);
-    let mut writer = client.try_clone().unwrap();
-    let mut reader = BufReader::new(client);
+    let (mut writer, mut reader) = open(&lb);
     std::thread::sleep(pause);
     assert_eq!(get_on(&mut writer, &mut reader, "/first").status, 200);
     std::thread::sleep(pause);

@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, ErrorKind, Read, Write};
 use std::sync::Arc;
 
 use common::*;
@@ -23,12 +22,6 @@ fn proxy(handler: Handler) -> (Backend, Balancer) {
 }
 
 /// A client connection split into a writer and a buffered reader.
-fn open(balancer: &Balancer) -> (TcpStream, BufReader<TcpStream>) {
-    let stream = connect(balancer.addr);
-    let writer = stream.try_clone().expect("clone client stream");
-    (writer, BufReader::new(stream))
-}
-
 fn next_response<R: BufRead>(reader: &mut R, what: &str) -> Response {
     read_response(reader, false).unwrap_or_else(|| panic!("no complete response to {what}"))
 }

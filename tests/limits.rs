@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
@@ -27,12 +27,6 @@ fn proxy(env: &[(&str, &str)]) -> (Backend, Balancer) {
     all.extend_from_slice(env);
     let balancer = Balancer::start(&all);
     (backend, balancer)
-}
-
-fn open(balancer: &Balancer) -> (TcpStream, BufReader<TcpStream>) {
-    let stream = connect(balancer.addr);
-    let writer = stream.try_clone().expect("clone client stream");
-    (writer, BufReader::new(stream))
 }
 
 /// The balancer's own replies carry `status`, are text/plain, and have a body under 1 KiB.

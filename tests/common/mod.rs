@@ -257,6 +257,13 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// Opens a client connection to the balancer: (writer, reader) over one socket.
+pub fn open(balancer: &Balancer) -> (TcpStream, BufReader<TcpStream>) {
+    let stream = connect(balancer.addr);
+    let writer = stream.try_clone().expect("clone client stream");
+    (writer, BufReader::new(stream))
+}
+
 /// Sends raw request bytes on a new connection and reads one response.
 pub fn request(addr: SocketAddr, raw: &str) -> Response {
     let mut s = connect(addr);
