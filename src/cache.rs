@@ -134,6 +134,8 @@ pub struct CachedResponse {
     pub headers: Vec<StoredHeader>,
     /// The whole body; the hit path re-frames it with `Content-Length`.
     pub body: Rc<[u8]>,
+    /// The status line and `headers` as a hit sends them, rendered when stored (see `insert`).
+    stored_head: Box<[u8]>,
     /// When it was stored.
     pub stored_at: Instant,
     /// Its `Age` when it arrived, in seconds: a hit's `Age` is this plus its time stored.
@@ -160,6 +162,7 @@ impl CachedResponse {
             status,
             headers,
             body,
+            stored_head: Box::default(),
             stored_at: now,
             age_on_arrival: 0,
             expires_at,
@@ -178,6 +181,11 @@ impl CachedResponse {
     pub fn age(&self, now: Instant) -> u64 {
         self.age_on_arrival
             .saturating_add(now.saturating_duration_since(self.stored_at).as_secs())
+    }
+
+    /// The status line and stored fields, as every hit sends them (`http::write_stored_head`).
+    pub fn stored_head(&self) -> &[u8] {
+        &self.stored_head
     }
 
     /// Expired at and after `expires_at`.
@@ -326,6 +334,10 @@ impl Cache {
             return;
         }
         strip_unstored_headers(&mut response.headers);
+        let mut stored_head = Vec::new();
+        let fields = response.headers.iter().map(|(n, v)| (&n[..], &v[..]));
+        crate::http::write_stored_head(response.status, fields, &mut stored_head);
+        response.stored_head = stored_head.into_boxed_slice();
         let response = Rc::new(response);
         let primary = CacheKey::new(host, target);
         let key = if vary_accept_encoding {

@@ -8,7 +8,7 @@ mod write;
 pub use parse::{parse_request, parse_response};
 pub use write::{
     reason_phrase, write_error_head_for, write_error_response, write_error_response_for,
-    write_forward_request, write_response_head,
+    write_forward_request, write_hit_head, write_response_head, write_stored_head,
 };
 
 use std::borrow::Cow;

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use crate::cache::flights::{Flight, FlightEnd, Join};
 use crate::cache::{is_cacheable_request, CacheKey, CachedResponse, Lookup};
-use crate::http::{RequestFraming, RequestHead, Version};
+use crate::http::{write_hit_head, RequestFraming, RequestHead};
 use crate::proxy::{CacheCandidate, Next};
 use crate::shard::Shard;
-use crate::stream::Conn;
+use crate::stream::{send_gathered, Conn, Push};
 
 /// Below this much of its `REQUEST_TIMEOUT` left, a waiter whose leader timed out answers 504
 /// at once rather than try a backend it cannot wait for.
@@ -104,8 +104,8 @@ pub async fn consult(
     let accept_encoding = head.combined_header(buf, "accept-encoding");
     let accept_encoding = accept_encoding.as_deref();
     // A hit is looked up from the request's own bytes; only a miss copies them out.
-    if let Some(entry) = get(shard, host, target, accept_encoding) {
-        return CacheStep::Served(serve_hit(shard, client, head, &entry, started).await);
+    if let Some((entry, now)) = get(shard, host, target, accept_encoding) {
+        return CacheStep::Served(serve_hit(shard, client, head, &entry, now, started).await);
     }
     let candidate = CacheCandidate {
         host: host.to_vec(),
@@ -130,8 +130,10 @@ pub async fn consult(
             )
             .await;
             let ae = candidate.accept_encoding.as_deref();
-            if let Some(entry) = get(shard, &candidate.host, &candidate.target, ae) {
-                return CacheStep::Served(serve_hit(shard, client, head, &entry, started).await);
+            if let Some((entry, now)) = get(shard, &candidate.host, &candidate.target, ae) {
+                return CacheStep::Served(
+                    serve_hit(shard, client, head, &entry, now, started).await,
+                );
             }
             shard.metrics.cache_misses.inc();
             // The backend gave the leader no response head, as far as this waiter's own
@@ -171,18 +173,20 @@ pub async fn consult(
     }
 }
 
+/// A fresh entry, and the instant it was found fresh at (its `Age` is taken at that instant).
 fn get(
     shard: &Shard,
     host: &[u8],
     target: &[u8],
     accept_encoding: Option<&[u8]>,
-) -> Option<Rc<CachedResponse>> {
+) -> Option<(Rc<CachedResponse>, Instant)> {
+    let now = Instant::now();
     let lookup = shard
         .cache
         .borrow_mut()
-        .get(host, target, accept_encoding, Instant::now());
+        .get(host, target, accept_encoding, now);
     match lookup {
-        Lookup::Hit(entry) => Some(entry),
+        Lookup::Hit(entry) => Some((entry, now)),
         Lookup::Miss => None,
     }
 }
@@ -192,14 +196,28 @@ async fn serve_hit(
     client: &mut Conn,
     head: &RequestHead,
     entry: &CachedResponse,
+    now: Instant,
     started: Instant,
 ) -> Next {
     shard.metrics.cache_hits.inc();
     let keep_alive = head.keep_alive && !shard.shutdown.is_fired();
     let mut out = shard.body_buffers.take();
-    render_hit(entry, head, keep_alive, &mut out);
+    let body = &entry.body[..];
+    let age = entry.age(now);
+    write_hit_head(
+        entry.stored_head(),
+        age,
+        body.len(),
+        keep_alive,
+        head.version,
+        &mut out,
+    );
+    let body = if head.is_head { &[][..] } else { body };
     client.consume(head.head_len);
-    let written = client.write_all(&out).await.is_ok();
+    // The body goes out from the entry itself: a hit copies only its head.
+    let written = send_gathered(&mut client.stream, &out, body, Push::Now)
+        .await
+        .is_ok();
     shard
         .metrics
         .record_request(entry.status, started.elapsed());
@@ -208,40 +226,4 @@ async fn serve_hit(
     } else {
         Next::Close
     }
-}
-
-/// A cached response rendered for the client: stored headers plus Age and X-Cache.
-fn render_hit(entry: &CachedResponse, head: &RequestHead, keep_alive: bool, out: &mut Vec<u8>) {
-    use std::io::Write as _;
-    let body = if head.is_head {
-        &[][..]
-    } else {
-        &entry.body[..]
-    };
-    out.reserve(256 + body.len());
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        entry.status,
-        crate::http::reason_phrase(entry.status)
-    );
-    for (name, value) in &entry.headers {
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
-    let _ = write!(
-        out,
-        "Age: {}\r\nX-Cache: HIT\r\nContent-Length: {}\r\n",
-        entry.age(Instant::now()),
-        entry.body.len()
-    );
-    if !keep_alive {
-        out.extend_from_slice(b"Connection: close\r\n");
-    } else if head.version == Version::Http10 {
-        out.extend_from_slice(b"Connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
 }

@@ -17,7 +17,7 @@ use crate::metrics::ErrorKind;
 use crate::proxy::{cache_decision, store, Exchange, Failure, Next};
 use crate::shard::Shard;
 use crate::splice::{self, Spliced, SPLICE_MIN};
-use crate::stream::{tunnel, Conn};
+use crate::stream::{tunnel, Conn, Push};
 
 /// A backend's receive buffer may grow to hold a head this large (then the head is refused).
 const UPSTREAM_BUFFER_MAX: usize = crate::http::MAX_HEAD_BYTES + 16 * 1024;
@@ -624,7 +624,7 @@ async fn splice_rest(
     upstream.conn.make_spliceable().ok()?;
     let mut pipe = shard.pipes.take()?;
     let read_body = &upstream.conn.pending()[..already_read];
-    if splice::send_more_gathered(&mut client.stream, staged, read_body)
+    if crate::stream::send_gathered(&mut client.stream, staged, read_body, Push::More)
         .await
         .is_err()
     {

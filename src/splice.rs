@@ -15,6 +15,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use glommio::net::TcpStream;
 
+use crate::stream::{send_gathered, Push};
+
 /// Bodies with at least this many bytes still to come from the backend are spliced. Below
 /// it, the extra system calls of splicing (one more send for the head, two splices instead
 /// of one read and one send) cost more than the copies they save.
@@ -152,56 +154,7 @@ pub async fn splice_exact(
 /// Sends all of `bytes` with MSG_MORE: TCP holds them (a response head) to go out in the same
 /// segment as what follows (a spliced body, or the FIN of a close).
 pub async fn send_more(to: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
-    send_more_gathered(to, bytes, &[]).await
-}
-
-/// `send_more` of `first` then `second` in one gathered sendmsg(2) per attempt, so that bytes
-/// already in a connection's receive buffer go out without first being copied behind a head.
-pub async fn send_more_gathered(
-    to: &mut TcpStream,
-    mut first: &[u8],
-    mut second: &[u8],
-) -> io::Result<()> {
-    while !first.is_empty() || !second.is_empty() {
-        let sent =
-            poll_fn(|cx| to.poll_write_with(cx, |fd| send_more_now(fd, first, second))).await?;
-        if sent == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let from_first = sent.min(first.len());
-        first = &first[from_first..];
-        second = &second[sent - from_first..];
-    }
-    Ok(())
-}
-
-#[allow(unsafe_code)]
-fn send_more_now(fd: RawFd, first: &[u8], second: &[u8]) -> io::Result<usize> {
-    let flags = libc::MSG_DONTWAIT | libc::MSG_MORE | libc::MSG_NOSIGNAL;
-    let iov = [
-        libc::iovec {
-            iov_base: first.as_ptr() as *mut libc::c_void,
-            iov_len: first.len(),
-        },
-        libc::iovec {
-            iov_base: second.as_ptr() as *mut libc::c_void,
-            iov_len: second.len(),
-        },
-    ];
-    // SAFETY: an all-zero msghdr is valid (no address, no control data).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = iov.len();
-    // The raw system call rather than glibc's sendmsg(), a pthread cancellation point (as
-    // `stream::recv_now`): this is also every closing connection's last send.
-    // SAFETY: the iovecs point into live slices of their stated lengths, which sendmsg only
-    // reads; `msg` outlives the call.
-    let n = unsafe { libc::syscall(libc::SYS_sendmsg, fd, &msg as *const libc::msghdr, flags) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    send_gathered(to, bytes, &[], Push::More).await
 }
 
 /// Makes a socket non-blocking, which splice(2) needs on its socket end (glommio's own reads
@@ -244,56 +197,6 @@ mod tests {
             pool.put(pipe);
         }
         assert_eq!(pool.idle(), KEEP);
-    }
-
-    /// A gathered send larger than the socket takes at once: partial sends must resume at the
-    /// right byte, whether they stop inside the first slice or the second.
-    #[test]
-    fn a_gathered_send_delivers_both_slices_in_order_through_partial_sends() {
-        use std::io::Read;
-        let first: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
-        let second: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
-        let mut expected = first.clone();
-        expected.extend_from_slice(&second);
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let reader = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().expect("accept");
-            conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-                .expect("timeout");
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1000];
-            // Small reads with pauses keep the sender's buffer full, so its sends come up short.
-            loop {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => return got,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-                if got.len() % 100_000 < 1000 {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-            }
-        });
-        let (first_sent, second_sent) = (first.clone(), second.clone());
-        std::thread::spawn(move || {
-            let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-                .io_memory(crate::shard::IO_MEMORY)
-                .make()
-                .expect("an executor");
-            executor.run(async move {
-                let mut stream = TcpStream::connect(addr).await.expect("connect");
-                let _ = socket2::SockRef::from(&stream).set_send_buffer_size(4096);
-                set_nonblocking(&stream).expect("non-blocking");
-                send_more_gathered(&mut stream, &first_sent, &second_sent)
-                    .await
-                    .expect("the whole gathered send");
-            });
-        })
-        .join()
-        .expect("sender");
-        let got = reader.join().expect("reader");
-        assert_eq!(got.len(), expected.len());
-        assert!(got == expected, "bytes arrived out of order");
     }
 
     #[test]

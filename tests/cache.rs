@@ -610,6 +610,48 @@ fn body_of_exactly_cache_max_object_bytes_is_stored() {
     assert_eq!(backend.requests(), 1);
 }
 
+/// A hit's body goes out from the stored entry in gathered sends that the socket takes in
+/// parts when the client reads slowly: every byte must arrive once and in order, and the
+/// answers pipelined behind it (a HEAD hit, then a GET hit) must start where it ends.
+#[test]
+fn a_megabyte_hit_reaches_a_slow_reader_whole_with_its_pipelined_successors() {
+    let body = Arc::new(pattern(1 << 20, 7));
+    let stored = Arc::clone(&body);
+    let backend = Backend::start(Arc::new(move |_: &Seen| {
+        Reply::Bytes(response("200 OK", &[], &stored))
+    }));
+    let lb = balancer(&backend, &[]);
+    assert_eq!(x_cache(&fetch(&lb, "/bundle.js")), Some("MISS"));
+    let (mut writer, mut reader) = open(&lb);
+    let pipeline = [
+        raw_request("GET", "/bundle.js", &[], false),
+        raw_request("HEAD", "/bundle.js", &[], false),
+        raw_request("GET", "/bundle.js", &[], true),
+    ]
+    .concat();
+    writer.write_all(pipeline.as_bytes()).unwrap();
+    // Let the balancer fill the socket before anything is read.
+    std::thread::sleep(Duration::from_millis(200));
+    let first = read_response(&mut reader, false).expect("the first hit");
+    assert_eq!(x_cache(&first), Some("HIT"));
+    assert_eq!(first.body.len(), body.len());
+    assert!(
+        first.body == *body,
+        "the first hit's body differs from the stored one"
+    );
+    let head = read_response(&mut reader, true).expect("the HEAD hit");
+    assert_eq!(x_cache(&head), Some("HIT"));
+    assert_eq!(head.header("Content-Length"), Some("1048576"));
+    assert!(head.body.is_empty());
+    let last = read_response(&mut reader, false).expect("the last hit");
+    assert_eq!(x_cache(&last), Some("HIT"));
+    assert!(
+        last.body == *body,
+        "the last hit's body differs from the stored one"
+    );
+    assert_eq!(backend.requests(), 1);
+}
+
 /// A backend streaming a chunked body of `len` pattern bytes.
 fn chunked_origin(len: usize) -> Backend {
     Backend::start(Arc::new(move |_: &Seen| Reply::Stream {

@@ -282,6 +282,39 @@ pub fn write_response_head(
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends the part of a cached response's head that every hit repeats: the status line and
+/// the stored fields. Rendered once when the response is stored, so a hit copies one slice.
+pub fn write_stored_head<'a>(
+    status: u16,
+    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    out: &mut Vec<u8>,
+) {
+    put_status_line(out, status, reason_phrase(status).as_bytes());
+    for (name, value) in fields {
+        put_header(out, name, value);
+    }
+}
+
+/// Appends a cache hit's head: `stored` (see `write_stored_head`), then `Age`,
+/// `X-Cache: HIT`, the body's Content-Length and the client connection's own field.
+pub fn write_hit_head(
+    stored: &[u8],
+    age: u64,
+    body_len: usize,
+    keep_alive: bool,
+    client_version: Version,
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(stored);
+    out.extend_from_slice(b"Age: ");
+    put_u64(out, age);
+    out.extend_from_slice(b"\r\nX-Cache: HIT\r\nContent-Length: ");
+    put_u64(out, body_len as u64);
+    out.extend_from_slice(b"\r\n");
+    put_connection(out, keep_alive, client_version);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends a complete response the balancer makes itself, for an HTTP/1.1 client.
 pub fn write_error_response(status: u16, keep_alive: bool, out: &mut Vec<u8>) {
     write_error_response_for(status, keep_alive, Version::Http11, out);
@@ -318,12 +351,18 @@ pub fn write_error_head_for(
     if status == 405 {
         out.extend_from_slice(b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH\r\n");
     }
+    put_connection(out, keep_alive, client_version);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The Connection field of a response the balancer makes: `close` unless `keep_alive`, and
+/// `keep-alive` to an HTTP/1.0 client that keeps the connection (its default is to close).
+fn put_connection(out: &mut Vec<u8>, keep_alive: bool, client_version: Version) {
     if !keep_alive {
         out.extend_from_slice(b"Connection: close\r\n");
     } else if client_version == Version::Http10 {
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// The body of an answer the balancer makes: the status digits, a space, the lower-case
