@@ -44,6 +44,8 @@ usage: scripts/loadtest.sh [options]
                        are plenty), printing its user-space instructions per request. Those do
                        not move with the machine's noise, so a change of 1 % shows; kernel work
                        is not counted. Needs valgrind (apt-get install valgrind).
+  --summarize FILE     no runs: print the summary of the per-run lines in FILE (an earlier
+                       --out file); scenarios, proxies and reps are taken from those lines
   -h, --help           this text
 
 Scenarios: small = GET / (small body, keep-alive); big = GET /big64k (65,536-byte body, no-store);
@@ -75,7 +77,7 @@ log() { echo "loadtest: $*" >&2; }
 REPS=3 DURATION=5 WARMUP=1 CONNS=64 MAX_NOISE=10 PROXY_CPU=0 LOAD_CPU=1 PORT=8080
 ORIGIN_PORT1=9001 ORIGIN_PORT2=9002
 SCENARIOS=small,big,close,css PROXIES=balancer,haproxy,nginx
-OUT= BUILD=0 KEEP_TMP=0 BALANCER_BIN= INSTRUCTIONS=0
+OUT= BUILD=0 KEEP_TMP=0 BALANCER_BIN= INSTRUCTIONS=0 SUMMARIZE=
 while (($#)); do
     case $1 in
         --reps) REPS=${2:?--reps needs a value}; shift 2 ;;
@@ -94,6 +96,7 @@ while (($#)); do
         --balancer-bin) BALANCER_BIN=${2:?--balancer-bin needs a value}; shift 2 ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
         --instructions) INSTRUCTIONS=1; shift ;;
+        --summarize) SUMMARIZE=${2:?--summarize needs a file}; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown option: $1" ;;
     esac
@@ -129,10 +132,111 @@ WITH_BALANCER=0
 [[ " ${PROXY_LIST[*]} " == *" balancer "* ]] && WITH_BALANCER=1
 ((INSTRUCTIONS)) && PROXY_LIST=(balancer) WITH_BALANCER=1
 
+# ------------------------------------------------------------------ summary
+summary() {
+    awk -v scens="$SCENARIOS" -v proxies="$PROXIES" -v reps="$REPS" -v maxnoise="$MAX_NOISE" '
+    function sortn(a, n,   i, j, t) {
+        for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+    }
+    function median(a, n) {
+        if (n == 0) return "NA"
+        sortn(a, n)
+        return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    function med(s, p, k,   r, n, a) {   # median over valid reps of field k
+        n = 0; split("", a)
+        for (r = 1; r <= reps; r++)
+            if (((s, p, r) in ok) && v[s, p, r, k] != "NA" && v[s, p, r, k] != "") a[++n] = v[s, p, r, k] + 0
+        return median(a, n)
+    }
+    function ratio(s, p, k,   r, n, a) {   # median over reps of balancer/p for field k
+        n = 0; split("", a)
+        for (r = 1; r <= reps; r++)
+            if (((s, "balancer", r) in ok) && ((s, p, r) in ok) && v[s, p, r, k] > 0)
+                a[++n] = v[s, "balancer", r, k] / v[s, p, r, k]
+        return median(a, n)
+    }
+    function best(s,   r, n, a, b, i, m, ok2) {   # median over reps of balancer / best peer CPU
+        n = 0; split("", a)
+        for (r = 1; r <= reps; r++) {
+            if (!((s, "balancer", r) in ok)) continue
+            m = -1; ok2 = 1
+            for (i = 1; i <= np; i++) {
+                if (P[i] == "balancer") continue
+                if (!((s, P[i], r) in ok) || v[s, P[i], r, "cpu_us_per_req"] <= 0) { ok2 = 0; break }
+                if (m < 0 || v[s, P[i], r, "cpu_us_per_req"] < m) m = v[s, P[i], r, "cpu_us_per_req"]
+            }
+            if (ok2 && m > 0) a[++n] = v[s, "balancer", r, "cpu_us_per_req"] / m
+        }
+        return median(a, n)
+    }
+    function f(x, fmt) { return x == "NA" ? "NA" : sprintf(fmt, x) }
+    function fr(x) { return x == "NA" ? "NA" : sprintf("%.2fx", x) }
+    {
+        delete kv
+        for (i = 1; i <= NF; i++) { e = index($i, "="); kv[substr($i, 1, e - 1)] = substr($i, e + 1) }
+        s = kv["scenario"]; p = kv["proxy"]; r = kv["rep"]
+        runs++; if (kv["noisy"] == 1) noisy++
+        if (kv["valid"] != 1) { bad[s, p]++; next }
+        ok[s, p, r] = 1
+        # Numbers are stored as numbers: awk compares two strings as text, so "13.06" < "9.03".
+        for (k in kv) v[s, p, r, k] = (kv[k] ~ /^-?[0-9]+([.][0-9]+)?$/) ? kv[k] + 0 : kv[k]
+    }
+    END {
+        ns = split(scens, S, ","); np = split(proxies, P, ",")
+        haspeer = 0; hasbal = 0
+        for (i = 1; i <= np; i++) { if (P[i] == "balancer") hasbal = 1; else haspeer++ }
+        printf "\n## Summary: medians over %d rep(s), valid runs only\n\n", reps
+        if (noisy > 0)
+            printf "WARNING: %d of %d runs were noisy (other processes used over %d%% of the proxy CPU, or steal):\nthe machine was not quiet and these numbers are not a reliable comparison.\n\n", noisy, runs, maxnoise
+        printf "| scenario | proxy | runs | req/s | p50 ms | p99 ms | CPU µs/req | sys %% | peak RSS MiB | upstream reuse %% | origin µs/req |\n"
+        printf "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        for (i = 1; i <= ns; i++) for (j = 1; j <= np; j++) {
+            s = S[i]; p = P[j]; n = 0
+            for (r = 1; r <= reps; r++) if ((s, p, r) in ok) n++
+            printf "| %s | %s | %d%s | %s | %s | %s | %s | %s | %s | %s | %s |\n", s, p, n,
+                ((s, p) in bad) ? sprintf(" (+%d invalid)", bad[s, p]) : "",
+                f(med(s, p, "rps"), "%.0f"), f(med(s, p, "p50_ms"), "%.3f"), f(med(s, p, "p99_ms"), "%.3f"),
+                f(med(s, p, "cpu_us_per_req"), "%.2f"), f(med(s, p, "sys_pct"), "%.0f"),
+                f(med(s, p, "rss_mib"), "%.1f"), p == "balancer" ? f(med(s, p, "reuse_pct"), "%.2f") : "-",
+                f(med(s, p, "origin_us_per_req"), "%.2f")
+        }
+        if (!hasbal || !haspeer) exit
+        printf "\n## Paired ratios balancer/peer (per rep, then median); CPU: lower is better, req/s: higher is better\n\n"
+        printf "| scenario | CPU/req vs best peer |"
+        for (j = 1; j <= np; j++) if (P[j] != "balancer") printf " CPU/req vs %s | req/s vs %s | p99 vs %s |", P[j], P[j], P[j]
+        printf "\n|---|---|"
+        for (j = 1; j <= np; j++) if (P[j] != "balancer") printf "---|---|---|"
+        printf "\n"
+        for (i = 1; i <= ns; i++) {
+            s = S[i]
+            printf "| %s | %s |", s, fr(best(s))
+            for (j = 1; j <= np; j++) if (P[j] != "balancer")
+                printf " %s | %s | %s |", fr(ratio(s, P[j], "cpu_us_per_req")), fr(ratio(s, P[j], "rps")),
+                    fr(ratio(s, P[j], "p99_ms"))
+            printf "\n"
+        }
+    }' "$RESULTS"
+}
+
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 [[ -n $OUT && $OUT != /* ]] && OUT="$ROOT/$OUT"
 if [[ -n $OUT ]]; then : >"$OUT" || die "cannot write --out $OUT"; fi
+
+# --summarize: the summary of earlier runs, from their lines; nothing is started.
+if [[ -n $SUMMARIZE ]]; then
+    [[ -r $SUMMARIZE ]] || die "cannot read --summarize $SUMMARIZE"
+    RESULTS=$(mktemp "${TMPDIR:-/tmp}/loadtest-summary.XXXXXX")
+    trap 'rm -f "$RESULTS"' EXIT
+    grep '^proxy=' "$SUMMARIZE" >"$RESULTS" || die "no per-run lines (proxy=...) in $SUMMARIZE"
+    field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" "$RESULTS"; }
+    SCENARIOS=$(field scenario | awk '!seen[$0]++' | paste -sd,)
+    PROXIES=$(sed -n 's/^proxy=\([^ ]*\).*/\1/p' "$RESULTS" | awk '!seen[$0]++' | paste -sd,)
+    REPS=$(field rep | sort -n | tail -n1)
+    summary | if [[ -n $OUT ]]; then tee -a "$OUT"; else cat; fi
+    exit 0
+fi
 
 # ------------------------------------------------------------------ tools and binary
 need=()
@@ -758,92 +862,6 @@ record() {
     [[ $1 == *" valid=0"* ]] && INVALID=$((INVALID + 1))
     echo "$1" >>"$RESULTS"
     say "$1"
-}
-
-# ------------------------------------------------------------------ summary
-summary() {
-    awk -v scens="$SCENARIOS" -v proxies="$PROXIES" -v reps="$REPS" -v maxnoise="$MAX_NOISE" '
-    function sortn(a, n,   i, j, t) {
-        for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
-    }
-    function median(a, n) {
-        if (n == 0) return "NA"
-        sortn(a, n)
-        return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-    }
-    function med(s, p, k,   r, n, a) {   # median over valid reps of field k
-        n = 0; split("", a)
-        for (r = 1; r <= reps; r++)
-            if (((s, p, r) in ok) && v[s, p, r, k] != "NA" && v[s, p, r, k] != "") a[++n] = v[s, p, r, k] + 0
-        return median(a, n)
-    }
-    function ratio(s, p, k,   r, n, a) {   # median over reps of balancer/p for field k
-        n = 0; split("", a)
-        for (r = 1; r <= reps; r++)
-            if (((s, "balancer", r) in ok) && ((s, p, r) in ok) && v[s, p, r, k] > 0)
-                a[++n] = v[s, "balancer", r, k] / v[s, p, r, k]
-        return median(a, n)
-    }
-    function best(s,   r, n, a, b, i, m, ok2) {   # median over reps of balancer / best peer CPU
-        n = 0; split("", a)
-        for (r = 1; r <= reps; r++) {
-            if (!((s, "balancer", r) in ok)) continue
-            m = -1; ok2 = 1
-            for (i = 1; i <= np; i++) {
-                if (P[i] == "balancer") continue
-                if (!((s, P[i], r) in ok) || v[s, P[i], r, "cpu_us_per_req"] <= 0) { ok2 = 0; break }
-                if (m < 0 || v[s, P[i], r, "cpu_us_per_req"] < m) m = v[s, P[i], r, "cpu_us_per_req"]
-            }
-            if (ok2 && m > 0) a[++n] = v[s, "balancer", r, "cpu_us_per_req"] / m
-        }
-        return median(a, n)
-    }
-    function f(x, fmt) { return x == "NA" ? "NA" : sprintf(fmt, x) }
-    function fr(x) { return x == "NA" ? "NA" : sprintf("%.2fx", x) }
-    {
-        delete kv
-        for (i = 1; i <= NF; i++) { e = index($i, "="); kv[substr($i, 1, e - 1)] = substr($i, e + 1) }
-        s = kv["scenario"]; p = kv["proxy"]; r = kv["rep"]
-        runs++; if (kv["noisy"] == 1) noisy++
-        if (kv["valid"] != 1) { bad[s, p]++; next }
-        ok[s, p, r] = 1
-        for (k in kv) v[s, p, r, k] = kv[k]
-    }
-    END {
-        ns = split(scens, S, ","); np = split(proxies, P, ",")
-        haspeer = 0; hasbal = 0
-        for (i = 1; i <= np; i++) { if (P[i] == "balancer") hasbal = 1; else haspeer++ }
-        printf "\n## Summary: medians over %d rep(s), valid runs only\n\n", reps
-        if (noisy > 0)
-            printf "WARNING: %d of %d runs were noisy (other processes used over %d%% of the proxy CPU, or steal):\nthe machine was not quiet and these numbers are not a reliable comparison.\n\n", noisy, runs, maxnoise
-        printf "| scenario | proxy | runs | req/s | p50 ms | p99 ms | CPU µs/req | sys %% | peak RSS MiB | upstream reuse %% | origin µs/req |\n"
-        printf "|---|---|---|---|---|---|---|---|---|---|---|\n"
-        for (i = 1; i <= ns; i++) for (j = 1; j <= np; j++) {
-            s = S[i]; p = P[j]; n = 0
-            for (r = 1; r <= reps; r++) if ((s, p, r) in ok) n++
-            printf "| %s | %s | %d%s | %s | %s | %s | %s | %s | %s | %s | %s |\n", s, p, n,
-                ((s, p) in bad) ? sprintf(" (+%d invalid)", bad[s, p]) : "",
-                f(med(s, p, "rps"), "%.0f"), f(med(s, p, "p50_ms"), "%.3f"), f(med(s, p, "p99_ms"), "%.3f"),
-                f(med(s, p, "cpu_us_per_req"), "%.2f"), f(med(s, p, "sys_pct"), "%.0f"),
-                f(med(s, p, "rss_mib"), "%.1f"), p == "balancer" ? f(med(s, p, "reuse_pct"), "%.2f") : "-",
-                f(med(s, p, "origin_us_per_req"), "%.2f")
-        }
-        if (!hasbal || !haspeer) exit
-        printf "\n## Paired ratios balancer/peer (per rep, then median); CPU: lower is better, req/s: higher is better\n\n"
-        printf "| scenario | CPU/req vs best peer |"
-        for (j = 1; j <= np; j++) if (P[j] != "balancer") printf " CPU/req vs %s | req/s vs %s | p99 vs %s |", P[j], P[j], P[j]
-        printf "\n|---|---|"
-        for (j = 1; j <= np; j++) if (P[j] != "balancer") printf "---|---|---|"
-        printf "\n"
-        for (i = 1; i <= ns; i++) {
-            s = S[i]
-            printf "| %s | %s |", s, fr(best(s))
-            for (j = 1; j <= np; j++) if (P[j] != "balancer")
-                printf " %s | %s | %s |", fr(ratio(s, P[j], "cpu_us_per_req")), fr(ratio(s, P[j], "rps")),
-                    fr(ratio(s, P[j], "p99_ms"))
-            printf "\n"
-        }
-    }' "$RESULTS"
 }
 
 # ------------------------------------------------------------------ run
