@@ -38,8 +38,7 @@ fn summarize(name: &str, lines: &str) -> String {
 fn ratios(summary: &str, scenario: &str) -> Vec<String> {
     let row = summary
         .lines()
-        .filter(|l| l.starts_with(&format!("| {scenario} |")))
-        .last()
+        .rfind(|l| l.starts_with(&format!("| {scenario} |")))
         .unwrap_or_else(|| panic!("no row for {scenario} in:\n{summary}"));
     row.split('|')
         .map(str::trim)
