@@ -219,8 +219,14 @@ fn write_head(
     len: usize,
 ) -> io::Result<()> {
     let reason = crate::http::reason_phrase(status);
+    // RFC 9110 §15.5.6: a 405 lists the methods the target supports.
+    let allow = if status == 405 {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\n{allow}Connection: close\r\n\r\n"
     );
     stream.write_all(head.as_bytes())
 }

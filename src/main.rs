@@ -13,7 +13,7 @@ use signal_hook::iterator::Signals;
 use balancer::admin::{self, Status};
 use balancer::config::{help_text, version_text, Config, ConfigError};
 use balancer::resolve::resolve;
-use balancer::shard::{self, RunningShard, ShardCommand, StartupError, Update};
+use balancer::shard::{self, Listener, RunningShard, ShardCommand, StartupError, Update};
 use balancer::socket::{self, AgentLink};
 
 /// glommio refuses to start an executor below this memlock limit.
@@ -103,19 +103,25 @@ fn run(config: Config, initial: Update, signals: Signals) -> Result<(), String> 
     // Bound before the shards start: a process that cannot start must never have accepted a
     // connection or logged `listening on`.
     if !config.reuse_port {
-        for (ip, port) in [
-            (config.bind, Some(config.http_port)),
-            (IpAddr::from([127, 0, 0, 1]), config.admin_port),
+        for (ip, port, listener) in [
+            (config.bind, Some(config.http_port), Listener::Http),
+            (
+                IpAddr::from([127, 0, 0, 1]),
+                config.admin_port,
+                Listener::Admin,
+            ),
         ] {
             if let Some(port @ 1..) = port {
-                shard::ensure_port_free(SocketAddr::new(ip, port)).map_err(|e| e.to_string())?;
+                shard::ensure_port_free(SocketAddr::new(ip, port), listener)
+                    .map_err(|e| e.to_string())?;
             }
         }
     }
     let admin_listener = match config.admin_port {
         Some(port) => Some(admin::bind(port).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
-                StartupError::PortInUse(SocketAddr::from(([127, 0, 0, 1], port))).to_string()
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                StartupError::PortInUse(addr, Listener::Admin).to_string()
             } else {
                 format!("cannot listen on 127.0.0.1:{port} (ADMIN_PORT): {e}")
             }

@@ -44,8 +44,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// keep reading (and discarding) them this long so the client sees our answer, not a reset.
 const LINGER: Duration = Duration::from_secs(2);
 
-/// While draining, how long a just-accepted connection may take to send its first request.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+/// How long after its accept a connection's first request may still start once draining has
+/// begun. A client sends its request right behind the handshake, so a request on its way when
+/// the listener closed arrives within this; a connection silent for longer is idle, and is
+/// closed like the idle keep-alive ones (and does not hold the process's exit).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(500);
 /// How long a connection waits for its next request with its receive buffer; idle longer, it
 /// gives the buffer back until bytes arrive (an idle connection then costs no 16 KiB).
 const IDLE_WITH_BUFFER: Duration = Duration::from_secs(1);
@@ -66,10 +69,9 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr
     let client_ip = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
     let mut client = Conn::with_buffer(stream, shard.client_buffers.take_filled());
     let mut head = RequestHead::default();
-    let mut first = true;
+    let mut first_request_until = Some(glommio::timer::now() + FIRST_REQUEST_GRACE);
     loop {
-        let read = read_head(shard, &mut client, &mut head, first).await;
-        first = false;
+        let read = read_head(shard, &mut client, &mut head, first_request_until.take()).await;
         let next = match read {
             HeadRead::Ready => {
                 let started = Instant::now();
@@ -110,13 +112,15 @@ impl From<RequestTimeout> for HttpError {
 
 /// Reads until a complete head is buffered. Idle connections (no byte of a next request) wait
 /// up to CLIENT_IDLE_TIMEOUT and close silently, or at once on shutdown; a started head must
-/// complete within CLIENT_HEADER_TIMEOUT of its first byte.
+/// complete within CLIENT_HEADER_TIMEOUT of its first byte. `first_request_until` is given
+/// for a connection's first request: on shutdown it may still start until then.
 async fn read_head(
     shard: &Shard,
     client: &mut Conn,
     head: &mut RequestHead,
-    first: bool,
+    first_request_until: Option<Instant>,
 ) -> HeadRead {
+    let first = first_request_until.is_some();
     let config = &shard.config;
     let mut deadline = None;
     let mut idle_deadline = None;
@@ -146,11 +150,14 @@ async fn read_head(
             }
         } else if shard.shutdown.is_fired() {
             // Draining: idle connections close, but a connection accepted just before the
-            // listener closed still gets its first request served.
-            if !first {
+            // listener closed still gets the first request that was on its way.
+            let left = first_request_until.map_or(Duration::ZERO, |until| {
+                until.saturating_duration_since(glommio::timer::now())
+            });
+            if left.is_zero() {
                 return HeadRead::Closed;
             }
-            client.set_read_timeout(Some(config.client_idle_timeout.min(FIRST_REQUEST_GRACE)));
+            client.set_read_timeout(Some(config.client_idle_timeout.min(left)));
             match client.fill(CLIENT_BUFFER_MAX).await {
                 Ok(n) if n > 0 => {}
                 _ => return HeadRead::Closed,

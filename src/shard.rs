@@ -79,10 +79,17 @@ impl ShardHandle {
     }
 }
 
+/// Which of the process's listeners a startup error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Http,
+    Admin,
+}
+
 /// Why a shard could not start; each message says what to do.
 #[derive(Debug)]
 pub enum StartupError {
-    PortInUse(SocketAddr),
+    PortInUse(SocketAddr, Listener),
     Bind(SocketAddr, io::Error),
     MemlockTooLow(u64),
     IoUring(String),
@@ -92,10 +99,16 @@ pub enum StartupError {
 impl std::fmt::Display for StartupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartupError::PortInUse(addr) => write!(
-                f,
-                "cannot listen on {addr}: the port is already in use by another program; stop it or choose another port with HOST_PORT_HTTP_BALANCER (or ADMIN_PORT), or set BALANCER_REUSE_PORT=on to start beside another balancer for a seamless restart"
-            ),
+            StartupError::PortInUse(addr, listener) => {
+                let (what, variable) = match listener {
+                    Listener::Http => ("", "HOST_PORT_HTTP_BALANCER"),
+                    Listener::Admin => (" (admin listener)", "ADMIN_PORT (or ADMIN_PORT=off)"),
+                };
+                write!(
+                    f,
+                    "cannot listen on {addr}{what}: the port is already in use by another program; stop it or choose another port with {variable}; to start beside another balancer for a seamless restart, set BALANCER_REUSE_PORT=on"
+                )
+            }
             StartupError::Bind(addr, e) => match e.raw_os_error() {
                 Some(libc::EADDRNOTAVAIL) => write!(
                     f,
@@ -382,7 +395,7 @@ pub fn start(
                 let listener = match bind(addr) {
                     Ok(l) => l,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(bind_error(addr, e)));
+                        let _ = ready_tx.send(Err(bind_error(addr, Listener::Http, e)));
                         return;
                     }
                 };
@@ -464,7 +477,7 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// the shards' own listeners share their port with whoever else set that option (a second
 /// balancer started by mistake would silently take a share of the traffic), so without
 /// `BALANCER_REUSE_PORT=on` the port is first bound alone, then released for them.
-pub fn ensure_port_free(addr: SocketAddr) -> Result<(), StartupError> {
+pub fn ensure_port_free(addr: SocketAddr, listener: Listener) -> Result<(), StartupError> {
     use socket2::{Domain, Socket, Type};
     let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)
         .map_err(|e| StartupError::Bind(addr, e))?;
@@ -472,12 +485,14 @@ pub fn ensure_port_free(addr: SocketAddr) -> Result<(), StartupError> {
     probe
         .set_reuse_address(true)
         .map_err(|e| StartupError::Bind(addr, e))?;
-    probe.bind(&addr.into()).map_err(|e| bind_error(addr, e))
+    probe
+        .bind(&addr.into())
+        .map_err(|e| bind_error(addr, listener, e))
 }
 
-pub fn bind_error(addr: SocketAddr, e: io::Error) -> StartupError {
+pub fn bind_error(addr: SocketAddr, listener: Listener, e: io::Error) -> StartupError {
     if e.kind() == io::ErrorKind::AddrInUse {
-        StartupError::PortInUse(addr)
+        StartupError::PortInUse(addr, listener)
     } else {
         StartupError::Bind(addr, e)
     }

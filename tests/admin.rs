@@ -702,6 +702,31 @@ fn admin_head_requests_get_the_head_alone() {
 }
 
 #[test]
+fn other_methods_get_405_with_the_allowed_ones() {
+    let backend = Backend::named("a");
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    let admin = balancer.admin.expect("admin listener");
+    for method in ["POST", "DELETE"] {
+        let mut s = TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(
+            format!("{method} /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut all = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut all).unwrap();
+        let text = String::from_utf8_lossy(&all);
+        assert!(text.starts_with("HTTP/1.1 405 "), "{method}: {text}");
+        // RFC 9110 §15.5.6: a 405 MUST list the supported methods.
+        assert!(
+            text.contains("\r\nAllow: GET, HEAD\r\n"),
+            "{method}: {text}"
+        );
+    }
+}
+
+#[test]
 fn unknown_admin_path_is_404() {
     let backend = Backend::named("a");
     let balancer = Balancer::serving(&[(backend.addr, 1.0)]);

@@ -185,7 +185,11 @@ fn run_with_port_taken(var: &str) -> String {
 
 #[test]
 fn an_http_port_in_use_exits_1_saying_so() {
-    run_with_port_taken("HOST_PORT_HTTP_BALANCER");
+    let err = run_with_port_taken("HOST_PORT_HTTP_BALANCER");
+    assert!(
+        err.contains("HOST_PORT_HTTP_BALANCER"),
+        "names the variable: {err}"
+    );
 }
 
 #[test]
@@ -207,6 +211,13 @@ fn an_unresolvable_backends_host_prints_only_the_error_line() {
 #[test]
 fn an_admin_port_in_use_exits_1_without_ever_listening() {
     let err = run_with_port_taken("ADMIN_PORT");
+    // The message is about the admin port: it says so, and names its variable, not the HTTP
+    // port's.
+    assert!(
+        err.contains("admin") && err.contains("ADMIN_PORT"),
+        "says which listener: {err}"
+    );
+    assert!(!err.contains("HOST_PORT_HTTP_BALANCER"), "stderr: {err}");
     // `listening on` means every shard accepts (SPEC §3): a process that then fails to start
     // must not have said it.
     assert!(!err.contains("listening on"), "stderr: {err}");

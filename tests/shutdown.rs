@@ -300,8 +300,8 @@ fn connection_opened_before_sigterm_gets_its_first_request_served() {
     // connection shows the accept loop has run since).
     assert_eq!(get(balancer.addr, "/probe").status, 200);
     balancer.signal("TERM");
-    // The first request's grace (2 s) runs from the shard's shutdown: write it at once, and
-    // only then check that the balancer was draining when it went out.
+    // The first request's grace (500 ms from the accept) is for a request already on its way:
+    // write it at once, and only then check that the balancer was draining when it went out.
     balancer.wait_log("stops accepting");
     let mut writer = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
@@ -317,6 +317,28 @@ fn connection_opened_before_sigterm_gets_its_first_request_served() {
         read_response(&mut reader, false).expect("the first request is answered, not dropped");
     assert_eq!(resp.status, 200);
     assert_eq!(balancer.wait_exit(EXIT_LIMIT), Some(0));
+}
+
+#[test]
+fn a_connection_silent_since_well_before_sigterm_is_idle_and_does_not_hold_the_exit() {
+    // Opened, never used: past the first request's grace it is as idle as a kept-alive
+    // connection between requests, so the drain closes it at once instead of waiting on it.
+    let backend = Backend::named("silent");
+    let mut balancer = balancer_for(backend.addr, &[]);
+    let mut silent = connect(balancer.addr);
+    assert_eq!(get(balancer.addr, "/probe").status, 200);
+    std::thread::sleep(Duration::from_millis(1200));
+    balancer.signal("TERM");
+    // Well under the 2 s the drain used to give every unused connection.
+    assert_eq!(balancer.wait_exit(Duration::from_millis(1000)), Some(0));
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(silent.read(&mut buf), Ok(0) | Err(_)),
+        "closed without an answer"
+    );
 }
 
 #[test]
