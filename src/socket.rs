@@ -42,6 +42,8 @@ pub enum AgentError {
     Closed,
     Silent(Duration),
     Protocol(tungstenite::Error),
+    /// A message over the WebSocket limits (tungstenite's: 16 MiB a frame, 64 MiB a message).
+    TooLarge(String),
     ShuttingDown,
 }
 
@@ -53,6 +55,7 @@ impl std::fmt::Display for AgentError {
             AgentError::Closed => write!(f, "connection closed by the agent"),
             AgentError::Silent(d) => write!(f, "nothing received for {}s", d.as_secs()),
             AgentError::Protocol(e) => write!(f, "{e}"),
+            AgentError::TooLarge(e) => write!(f, "closed after a message too large ({e})"),
             AgentError::ShuttingDown => write!(f, "shutting down"),
         }
     }
@@ -194,6 +197,10 @@ impl AgentLink {
                 }
                 Err(tungstenite::Error::ConnectionClosed)
                 | Err(tungstenite::Error::AlreadyClosed) => return AgentError::Closed,
+                Err(tungstenite::Error::Capacity(e)) => {
+                    reject_oversized(ws, &self.reject(&format!("message too large: {e}")));
+                    return AgentError::TooLarge(e.to_string());
+                }
                 Err(e) => return AgentError::Protocol(e),
             };
             last_heard = Instant::now();
@@ -313,6 +320,36 @@ fn connect_any(host: &str, port: u16) -> Result<TcpStream, AgentError> {
 }
 
 /// Sends `reply` (if any) and flushes what tungstenite queued (pong answers included).
+/// Answers a message over the size limits, whose rest cannot be skipped (tungstenite stops
+/// reading at its header, and what follows would be read as frames): the rejection, then a
+/// close with 1009 "message too big" (RFC 6455 §7.4.1). The rest of it is read and dropped
+/// for a while, so the agent, still sending, gets both instead of a reset.
+fn reject_oversized(ws: &mut WebSocket<TcpStream>, reply: &str) {
+    use std::io::Read;
+    use tungstenite::protocol::frame::coding::CloseCode;
+    use tungstenite::protocol::CloseFrame;
+    let _ = ws.send(Message::text(reply));
+    let _ = ws.close(Some(CloseFrame {
+        code: CloseCode::Size,
+        reason: "message too large".into(),
+    }));
+    let _ = ws.flush();
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut sink = [0u8; 64 * 1024];
+    while Instant::now() < until {
+        match ws.get_mut().read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
 fn answer(ws: &mut WebSocket<TcpStream>, reply: Option<String>) -> tungstenite::Result<()> {
     if let Some(reply) = reply {
         ws.send(Message::text(reply))?;

@@ -318,6 +318,36 @@ fn assert_rejected<'a>(message: impl Into<Sent<'a>>, reason_starts: &str) {
     all_from(&balancer, 20, "A");
 }
 
+/// A message over the WebSocket size limit (16 MiB a frame) cannot be skipped, so the
+/// connection cannot stay open as for other rejections; the agent still gets its answer, then
+/// a close saying why (1009), and the balancer reconnects with the previous set serving.
+#[test]
+fn a_message_over_the_size_limit_is_rejected_then_the_link_is_reopened() {
+    let a = Backend::named("A");
+    let b = Backend::named("B");
+    let (balancer, agent, mut conn) = serving(&a);
+    assert_eq!(conn.push(&server_set(&[(b.addr, 1.0)])), applied(2, 1));
+    // Valid but for its size: an unknown field padding it past 16 MiB.
+    let padding = "x".repeat(17 << 20);
+    let huge = format!(
+        r#"{{"padding":"{padding}","servers":[{{"host":"127.0.0.1","port":{},"score":1}}]}}"#,
+        a.port()
+    );
+    conn.send_text(&huge);
+    let reply = conn.recv_json();
+    let reason = reply["rejected"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a rejection: {reply}"));
+    assert!(reason.starts_with("message too large"), "{reason}");
+    assert_eq!(conn.recv_close_code(), Some(1009), "1009: message too big");
+    let warning = balancer.wait_log(reason);
+    assert!(warning.contains("WARN"), "{warning}");
+    all_from(&balancer, 20, "B");
+    let mut again = agent.accept();
+    assert_eq!(again.push(&server_set(&[(a.addr, 1.0)])), applied(3, 1));
+    all_from(&balancer, 20, "A");
+}
+
 #[test]
 fn rejects_text_that_is_not_json() {
     assert_rejected(Some(r#"{"servers": [ nope"#), "not valid json: ");

@@ -864,6 +864,19 @@ impl AgentConn {
         false
     }
 
+    /// Reads until the balancer's close frame; its code (`None` for a close without one).
+    pub fn recv_close_code(&mut self) -> Option<u16> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(Instant::now() < deadline, "no close from the balancer");
+            match self.ws.read() {
+                Ok(tungstenite::Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(e) => panic!("the connection ended without a close frame: {e}"),
+            }
+        }
+    }
+
     pub fn close(mut self) {
         let _ = self.ws.close(None);
         let _ = self.ws.flush();
