@@ -19,7 +19,7 @@ use crate::cache::{storability, CachedResponse, Storability};
 use crate::client::{connect, Upstream, UpstreamError};
 use crate::http::{
     parse_request, write_error_head_for, write_error_response, write_error_response_for,
-    write_forward_request, HttpError, RequestFraming, RequestHead,
+    write_forward_request, HttpError, RequestFraming, RequestHead, Version,
 };
 use crate::lookup::{CacheStep, FlightGuard};
 use crate::metrics::ErrorKind;
@@ -80,7 +80,10 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr
             HeadRead::Closed => Next::Close,
             HeadRead::Failed(error) => {
                 debug!("rejecting request from {client_ip}: {error}");
-                respond_error(shard, &mut client, error.status(), false, Instant::now()).await;
+                // The head did not parse, but its method may have: a HEAD gets no body.
+                let head_only = client.pending().starts_with(b"HEAD ");
+                let now = Instant::now();
+                respond_error(shard, &mut client, error.status(), head_only, now).await;
                 Next::Linger
             }
         };
@@ -201,15 +204,20 @@ async fn read_head(
 }
 
 /// Sends a response the balancer makes itself and counts it.
+/// `head_only` for a HEAD request: its answer has no body (RFC 9110 §9.3.2).
 pub async fn respond_error(
     shard: &Shard,
     client: &mut Conn,
     status: u16,
-    keep_alive: bool,
+    head_only: bool,
     started: Instant,
 ) {
     let mut out = Vec::with_capacity(256);
-    write_error_response(status, keep_alive, &mut out);
+    if head_only {
+        write_error_head_for(status, false, Version::Http11, &mut out);
+    } else {
+        write_error_response(status, false, &mut out);
+    }
     let _ = client.write_all(&out).await;
     shard.metrics.record_request(status, started.elapsed());
 }
@@ -322,7 +330,7 @@ async fn handle_request(
                 }
                 Ok(None) => BodyPlan::Streamed(RequestFraming::Chunked),
                 Err(Failure::ClientStatus(status)) => {
-                    respond_error(shard, client, status, false, started).await;
+                    respond_error(shard, client, status, head.is_head, started).await;
                     return Next::Linger;
                 }
                 Err(_) => return Next::Close,
@@ -395,7 +403,7 @@ async fn handle_request(
             }
             Err(Failure::Client) => return Next::Close,
             Err(Failure::ClientStatus(status)) => {
-                respond_error(shard, client, status, false, started).await;
+                respond_error(shard, client, status, head.is_head, started).await;
                 return Next::Linger;
             }
             Err(Failure::Upstream(error)) if error.local => {

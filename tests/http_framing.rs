@@ -532,6 +532,33 @@ fn whitespace_between_a_header_name_and_its_colon_gets_400_and_close() {
     assert_eq!(backend.requests(), 0);
 }
 
+/// RFC 9110 §9.3.2: an answer to HEAD has no content, the balancer's own rejections included
+/// (the head did not parse, but its method did).
+#[test]
+fn a_rejected_head_request_gets_the_head_of_the_answer_alone() {
+    let (backend, balancer) = proxy(echo_target());
+    for (raw, status) in [
+        (
+            "HEAD /cl HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            400,
+        ),
+        (
+            &*format!("HEAD /{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(9000)),
+            414,
+        ),
+    ] {
+        let (mut writer, mut reader) = open(&balancer);
+        writer.write_all(raw.as_bytes()).unwrap();
+        let resp = read_response(&mut reader, true).expect("an answer");
+        assert_eq!(resp.status, status);
+        let length: usize = resp.header("content-length").unwrap().parse().unwrap();
+        assert!(length > 0, "the GET's length");
+        // Whatever follows the head would be this body: there must be nothing.
+        assert_closed(&mut reader, "after the head");
+    }
+    assert_eq!(backend.requests(), 0);
+}
+
 #[test]
 fn http11_request_without_host_gets_400_and_close() {
     let (backend, balancer) = proxy(echo_target());
