@@ -136,6 +136,8 @@ pub struct Balancer {
     table: Table,
     ejected: usize,
     panic: bool,
+    /// When the earliest ejection ends: `release_due` rebuilds then, not at the next tick.
+    next_release: Option<Instant>,
 }
 
 impl Balancer {
@@ -149,6 +151,7 @@ impl Balancer {
             table: Table::default(),
             ejected: 0,
             panic: false,
+            next_release: None,
         };
         balancer.rebuild(now);
         balancer
@@ -203,6 +206,16 @@ impl Balancer {
             }
         }
         self.rebuild_table();
+    }
+
+    /// `rebuild` if an ejection has ended by `now`; true if it did (ejections changed). Cheap
+    /// enough for every request, so an ejection lasts its period, not up to a tick more.
+    pub fn release_due(&mut self, now: Instant) -> bool {
+        if self.next_release.is_some_and(|release| release <= now) {
+            self.rebuild(now);
+            return true;
+        }
+        false
     }
 
     /// A random server, chosen in proportion to score among the servers that can take
@@ -310,10 +323,12 @@ impl Balancer {
     fn rebuild_table(&mut self) {
         // First the facts the table depends on, in one pass.
         let (mut ejected, mut max_live, mut max_any) = (0, 0.0, 0.0);
+        let mut next_release: Option<Instant> = None;
         for (backend, health) in self.backends.iter().zip(&self.health) {
             let weight = backend.weight();
-            if health.is_ejected() {
+            if let Health::Ejected { until, .. } = *health {
                 ejected += 1;
+                next_release = Some(next_release.map_or(until, |r| r.min(until)));
             } else if weight > max_live {
                 max_live = weight;
             }
@@ -345,6 +360,7 @@ impl Balancer {
         }
         self.ejected = ejected;
         self.panic = panic;
+        self.next_release = next_release;
     }
 }
 
@@ -566,6 +582,31 @@ mod tests {
         assert!(!b.is_ejected(0));
         assert_eq!(b.ejected_count(), 0);
         assert!(counts(&b, 1_000, |_| true)[0] > 0);
+    }
+
+    #[test]
+    fn an_ejection_is_released_when_it_ends_not_at_the_next_rebuild() {
+        let start = Instant::now();
+        let mut b = balancer(&[1.0, 1.0, 1.0], start);
+        assert!(!b.release_due(start + 60 * SECOND), "nothing ejected");
+        fail(&mut b, 0, 3, start);
+        fail(&mut b, 1, 3, start + SECOND);
+        assert!(!b.release_due(start + 5 * SECOND - Duration::from_millis(1)));
+        assert!(b.is_ejected(0));
+        assert!(
+            b.release_due(start + 5 * SECOND),
+            "the first ejection ends at 5 s"
+        );
+        assert!(!b.is_ejected(0));
+        assert!(b.is_ejected(1));
+        assert!(counts(&b, 1_000, |_| true)[0] > 0, "back in the table");
+        assert!(!b.release_due(start + 5 * SECOND + Duration::from_millis(500)));
+        assert!(
+            b.release_due(start + 6 * SECOND),
+            "then the second, 5 s after its own"
+        );
+        assert_eq!(b.ejected_count(), 0);
+        assert!(!b.release_due(start + 60 * SECOND), "none left");
     }
 
     #[test]

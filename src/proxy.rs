@@ -348,6 +348,14 @@ async fn handle_request(
     let mut attempts = 0;
     let mut last_error: Option<UpstreamError> = None;
     loop {
+        // An ejection ends when its period does, not at the next periodic rebuild.
+        if shard
+            .balancer
+            .borrow_mut()
+            .release_due(glommio::timer::now())
+        {
+            shard.refresh_ejected();
+        }
         let pick = {
             let balancer = shard.balancer.borrow();
             let mut rng = shard.rng.borrow_mut();
