@@ -80,8 +80,11 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr
             HeadRead::Closed => Next::Close,
             HeadRead::Failed(error) => {
                 debug!("rejecting request from {client_ip}: {error}");
-                // The head did not parse, but its method may have: a HEAD gets no body.
-                let head_only = client.pending().starts_with(b"HEAD ");
+                // The head did not parse, but its method may have: a HEAD gets no body. Empty
+                // lines before a request line are ignored (RFC 9112 §2.2), here as by the parser.
+                let pending = client.pending();
+                let line = pending.iter().position(|b| !matches!(b, b'\r' | b'\n'));
+                let head_only = line.is_some_and(|at| pending[at..].starts_with(b"HEAD "));
                 let now = Instant::now();
                 respond_error(shard, &mut client, error.status(), head_only, now).await;
                 Next::Linger

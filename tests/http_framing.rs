@@ -546,6 +546,11 @@ fn a_rejected_head_request_gets_the_head_of_the_answer_alone() {
             &*format!("HEAD /{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(9000)),
             414,
         ),
+        // Empty lines before the request line are ignored; the method still counts.
+        (
+            "\r\nHEAD /cl HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            400,
+        ),
     ] {
         let (mut writer, mut reader) = open(&balancer);
         writer.write_all(raw.as_bytes()).unwrap();

@@ -320,6 +320,28 @@ fn connection_opened_before_sigterm_gets_its_first_request_served() {
 }
 
 #[test]
+fn the_first_request_grace_runs_from_the_accept_whenever_the_signal_comes() {
+    // The signal comes half-way through the connection's 500 ms; the request a little later,
+    // still inside it. (The wait cancelled by the signal once made the rest of the grace
+    // count from its own start, closing the connection at once.)
+    let backend = Backend::named("late-first");
+    let mut balancer = balancer_for(backend.addr, &[]);
+    let stream = connect(balancer.addr);
+    assert_eq!(get(balancer.addr, "/probe").status, 200);
+    std::thread::sleep(Duration::from_millis(250));
+    balancer.signal("TERM");
+    std::thread::sleep(Duration::from_millis(100));
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    writer
+        .write_all(b"GET /late HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut reader, false).expect("served within the grace");
+    assert_eq!(resp.status, 200);
+    assert_eq!(balancer.wait_exit(EXIT_LIMIT), Some(0));
+}
+
+#[test]
 fn a_connection_silent_since_well_before_sigterm_is_idle_and_does_not_hold_the_exit() {
     // Opened, never used: past the first request's grace it is as idle as a kept-alive
     // connection between requests, so the drain closes it at once instead of waiting on it.

@@ -195,6 +195,10 @@ impl Timeout {
             }
         }
         self.timeout.set(dur);
+        // balancer patch: a new timeout starts a new wait. A wait dropped unfinished (a read
+        // raced against another future and cancelled) never reaches `end_wait`, and the next
+        // wait would otherwise count its new timeout from the dropped one's start.
+        self.waiting_since.set(None);
         Ok(())
     }
 
