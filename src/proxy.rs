@@ -370,6 +370,9 @@ async fn handle_request(
                 Some(e) if e.kind == ErrorKind::Timeout => 504,
                 Some(_) => 502,
             };
+            if last_error.is_none() {
+                debug!("no server can take a request from {client_ip}: 503");
+            }
             return respond_unforwarded(shard, client, head, read_whole, status, started).await;
         };
         tried[attempts] = Some(pick.backend.addr);

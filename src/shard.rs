@@ -106,7 +106,7 @@ impl std::fmt::Display for StartupError {
                 };
                 write!(
                     f,
-                    "cannot listen on {addr}{what}: the port is already in use by another program; stop it or choose another port with {variable}; to start beside another balancer for a seamless restart, set BALANCER_REUSE_PORT=on"
+                    "cannot listen on {addr}{what}: the port is already in use by another program; stop it or choose another port with {variable} (BALANCER_REUSE_PORT=on shares a port only with another balancer that set it too, for a seamless restart)"
                 )
             }
             StartupError::Bind(addr, e) => match e.raw_os_error() {
@@ -126,7 +126,7 @@ impl std::fmt::Display for StartupError {
             ),
             StartupError::IoUring(e) => write!(
                 f,
-                "io_uring is unavailable ({e}): run on Linux 5.8 or newer with io_uring enabled (sysctl kernel.io_uring_disabled=0) and not blocked by seccomp"
+                "io_uring is unavailable ({e}): run on Linux 5.13 or newer with io_uring enabled (sysctl kernel.io_uring_disabled=0) and not blocked by seccomp"
             ),
             StartupError::Thread(e) => write!(f, "cannot start a shard thread: {e}"),
         }
