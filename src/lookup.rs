@@ -113,62 +113,70 @@ pub async fn consult(
         accept_encoding: accept_encoding.map(<[u8]>::to_vec),
     };
     let key = CacheKey::new(&candidate.host, &candidate.target);
-    // A HEAD's response is not stored, so GETs must not wait for one.
-    let join = shard
-        .flights
-        .borrow_mut()
-        .join(&key, !head.is_head, glommio::timer::now());
-    match join {
-        Join::Wait(flight) => {
-            let deadline = started + shard.config.request_timeout;
-            let waited = glommio::timer::timeout(
-                deadline.saturating_duration_since(Instant::now()),
-                async {
-                    flight.ended().await;
-                    Ok(())
-                },
-            )
-            .await;
-            let ae = candidate.accept_encoding.as_deref();
-            if let Some((entry, now)) = get(shard, &candidate.host, &candidate.target, ae) {
-                return CacheStep::Served(
-                    serve_hit(shard, client, head, &entry, now, started).await,
-                );
-            }
-            shard.metrics.cache_misses.inc();
-            // The backend gave the leader no response head, as far as this waiter's own
-            // REQUEST_TIMEOUT goes: the leader timed out, or it is still waiting when the
-            // waiter's time is up (the leader starts its clock only once connected). The
-            // waiter then has only what is left of its time: a slow backend costs it one
-            // timeout, not two.
-            let leader_unanswered = match flight.end() {
-                FlightEnd::TimedOut => true,
-                FlightEnd::Running => waited.is_err() && !flight.is_answered(),
-                FlightEnd::Done | FlightEnd::NotStored => false,
-            };
-            let mut forward = Forward::plain(shard, Some(candidate));
-            if leader_unanswered {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left < MIN_HEAD_WAIT {
-                    return CacheStep::TimedOut;
+    let deadline = started + shard.config.request_timeout;
+    loop {
+        // A HEAD's response is not stored, so GETs must not wait for one.
+        let join = shard
+            .flights
+            .borrow_mut()
+            .join(&key, !head.is_head, glommio::timer::now());
+        match join {
+            Join::Wait(flight) => {
+                let waited = glommio::timer::timeout(
+                    deadline.saturating_duration_since(Instant::now()),
+                    async {
+                        flight.ended().await;
+                        Ok(())
+                    },
+                )
+                .await;
+                let ae = candidate.accept_encoding.as_deref();
+                if let Some((entry, now)) = get(shard, &candidate.host, &candidate.target, ae) {
+                    return CacheStep::Served(
+                        serve_hit(shard, client, head, &entry, now, started).await,
+                    );
                 }
-                forward.head_timeout = left;
+                // The leader's client left before its response was stored: one waiter leads
+                // the next attempt and the others wait for it, rather than each going to the
+                // backend. Each waits within its own REQUEST_TIMEOUT all the same.
+                if waited.is_ok() && flight.end() == FlightEnd::Abandoned {
+                    continue;
+                }
+                shard.metrics.cache_misses.inc();
+                // The backend gave the leader no response head, as far as this waiter's own
+                // REQUEST_TIMEOUT goes: the leader timed out, or it is still waiting when the
+                // waiter's time is up (the leader starts its clock only once connected). The
+                // waiter then has only what is left of its time: a slow backend costs it one
+                // timeout, not two.
+                let leader_unanswered = match flight.end() {
+                    FlightEnd::TimedOut => true,
+                    FlightEnd::Running => waited.is_err() && !flight.is_answered(),
+                    FlightEnd::Done | FlightEnd::NotStored | FlightEnd::Abandoned => false,
+                };
+                let mut forward = Forward::plain(shard, Some(candidate));
+                if leader_unanswered {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left < MIN_HEAD_WAIT {
+                        return CacheStep::TimedOut;
+                    }
+                    forward.head_timeout = left;
+                }
+                return CacheStep::Forward(forward);
             }
-            CacheStep::Forward(forward)
-        }
-        Join::Pass => {
-            shard.metrics.cache_misses.inc();
-            CacheStep::Forward(Forward::plain(shard, Some(candidate)))
-        }
-        Join::Lead(flight) => {
-            shard.metrics.cache_misses.inc();
-            let mut forward = Forward::plain(shard, Some(candidate));
-            forward.flight = Some(FlightGuard {
-                shard: shard.clone(),
-                key,
-                flight,
-            });
-            CacheStep::Forward(forward)
+            Join::Pass => {
+                shard.metrics.cache_misses.inc();
+                return CacheStep::Forward(Forward::plain(shard, Some(candidate)));
+            }
+            Join::Lead(flight) => {
+                shard.metrics.cache_misses.inc();
+                let mut forward = Forward::plain(shard, Some(candidate));
+                forward.flight = Some(FlightGuard {
+                    shard: shard.clone(),
+                    key,
+                    flight,
+                });
+                return CacheStep::Forward(forward);
+            }
         }
     }
 }

@@ -415,7 +415,12 @@ async fn handle_request(
                 );
                 return relayed.next;
             }
-            Err(Failure::Client) => return Next::Close,
+            Err(Failure::Client) => {
+                if let Some(flight) = &forward.flight {
+                    flight.end(FlightEnd::Abandoned);
+                }
+                return Next::Close;
+            }
             Err(Failure::ClientStatus(status)) => {
                 respond_error(shard, client, status, head.is_head, started).await;
                 return Next::Linger;

@@ -367,7 +367,13 @@ pub async fn relay_response(
     .await;
     shard.metrics.record_request(status, ex.started.elapsed());
     match body {
-        Err(()) => Ok(Relayed::cut_short(status, None)),
+        Err(()) => {
+            // The client left mid-body: nothing is stored for the waiters (if any) either.
+            if let Some(flight) = ex.flight {
+                flight.end(FlightEnd::Abandoned);
+            }
+            Ok(Relayed::cut_short(status, None))
+        }
         Ok(BodyEnd::Failed(kind)) => {
             // A client told the body's length, or reading chunks, sees it cut short by the
             // missing bytes or last chunk; one reading until the close needs a reset to tell

@@ -1178,6 +1178,47 @@ fn concurrent_misses_for_one_key_make_one_backend_request() {
     );
 }
 
+/// The first client of a burst gives up before the answer comes: its fetch is abandoned, and
+/// the requests that waited for it must not then all go to the backend at once; one of them
+/// leads a new fetch and the others are served from what it stores.
+#[test]
+fn waiters_elect_a_new_leader_when_the_first_client_leaves() {
+    let body = pattern(20_000, 12);
+    let reply = response("200 OK", &[("Cache-Control", "max-age=300")], &body);
+    let backend = Backend::start(Arc::new(move |_: &Seen| {
+        Reply::Delay(
+            Duration::from_millis(800),
+            Box::new(Reply::Bytes(reply.clone())),
+        )
+    }));
+    let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
+    let mut first = connect(lb.addr);
+    first
+        .write_all(raw_request("GET", "/abandoned.css", &[], false).as_bytes())
+        .unwrap();
+    eventually("the first request reaches the backend", || {
+        backend.requests() >= 1
+    });
+    let waiters = concurrent_gets(&lb, "/abandoned.css", 6);
+    // The first client leaves while the backend still holds its answer; its connection
+    // reset, so the answer cannot be delivered.
+    std::thread::sleep(Duration::from_millis(100));
+    socket2::SockRef::from(&first)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(first);
+    for (i, waiter) in waiters.into_iter().enumerate() {
+        let r = waiter.join().expect("client thread");
+        assert_eq!(r.status, 200, "waiter {i}");
+        assert_eq!(hash(&r.body), hash(&body), "waiter {i}");
+    }
+    assert!(
+        backend.requests() <= 2,
+        "{} backend requests: the abandoned fetch and one more at most",
+        backend.requests()
+    );
+}
+
 #[test]
 fn waiters_are_forwarded_when_the_leader_response_is_not_storable() {
     let gate = Arc::new(Gate::default());

@@ -37,6 +37,9 @@ pub enum FlightEnd {
     /// No response head within `REQUEST_TIMEOUT`: a waiter has been waiting for that same
     /// answer, so its own attempt gets only what is left of its `REQUEST_TIMEOUT`.
     TimedOut,
+    /// The leader's client went away before the response was stored: the waiters elect a new
+    /// leader among themselves instead of all going to the backend.
+    Abandoned,
 }
 
 /// One leader's fetch, shared with its waiters.
