@@ -289,6 +289,15 @@ fn seamless_restart_on_the_same_port_loses_no_request() {
     );
 }
 
+/// Writes a GET on a connection that has sent nothing yet; the reader for its answer.
+fn send_first_request(stream: TcpStream) -> BufReader<TcpStream> {
+    let mut writer = stream.try_clone().unwrap();
+    writer
+        .write_all(b"GET /late HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    BufReader::new(stream)
+}
+
 #[test]
 fn connection_opened_before_sigterm_gets_its_first_request_served() {
     // A client that connected just before the signal has not sent its request yet; it is not
@@ -303,11 +312,7 @@ fn connection_opened_before_sigterm_gets_its_first_request_served() {
     // The first request's grace (500 ms from the accept) is for a request already on its way:
     // write it at once, and only then check that the balancer was draining when it went out.
     balancer.wait_log("stops accepting");
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
-    writer
-        .write_all(b"GET /late HTTP/1.1\r\nHost: test\r\n\r\n")
-        .unwrap();
+    let mut reader = send_first_request(stream);
     assert_eq!(
         balancer.admin_get("/healthz").0,
         503,
@@ -331,11 +336,7 @@ fn the_first_request_grace_runs_from_the_accept_whenever_the_signal_comes() {
     std::thread::sleep(Duration::from_millis(250));
     balancer.signal("TERM");
     std::thread::sleep(Duration::from_millis(100));
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
-    writer
-        .write_all(b"GET /late HTTP/1.1\r\nHost: test\r\n\r\n")
-        .unwrap();
+    let mut reader = send_first_request(stream);
     let resp = read_response(&mut reader, false).expect("served within the grace");
     assert_eq!(resp.status, 200);
     assert_eq!(balancer.wait_exit(EXIT_LIMIT), Some(0));
