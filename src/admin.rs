@@ -154,11 +154,13 @@ fn handle(mut stream: TcpStream, status: &Status) -> io::Result<()> {
     let mut len = 0;
     let (method, path) = loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return respond(&mut stream, 408, "text/plain", "request timeout\n");
-        }
-        stream.set_read_timeout(Some(left))?;
-        let n = match stream.read(&mut buf[len..]) {
+        let read = if left.is_zero() {
+            Err(io::ErrorKind::TimedOut.into())
+        } else {
+            stream.set_read_timeout(Some(left))?;
+            stream.read(&mut buf[len..])
+        };
+        let n = match read {
             Ok(n) => n,
             Err(e)
                 if matches!(

@@ -118,7 +118,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Upstream, Up
 }
 
 /// Errors that say this process (or host) is out of a resource, not that a server failed.
-pub fn is_local_shortage(os_error: Option<i32>) -> bool {
+fn is_local_shortage(os_error: Option<i32>) -> bool {
     matches!(
         os_error,
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)

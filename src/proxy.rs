@@ -18,8 +18,8 @@ use crate::cache::flights::FlightEnd;
 use crate::cache::{storability, CachedResponse, Storability};
 use crate::client::{connect, Upstream, UpstreamError};
 use crate::http::{
-    parse_request, write_error_head_for, write_error_response, write_error_response_for,
-    write_forward_request, HttpError, RequestFraming, RequestHead, Version,
+    parse_request, write_error_head_for, write_error_response_for, write_forward_request,
+    HttpError, RequestFraming, RequestHead, Version,
 };
 use crate::lookup::{CacheStep, FlightGuard};
 use crate::metrics::ErrorKind;
@@ -215,14 +215,21 @@ pub async fn respond_error(
     head_only: bool,
     started: Instant,
 ) {
-    let mut out = Vec::with_capacity(256);
-    if head_only {
-        write_error_head_for(status, false, Version::Http11, &mut out);
-    } else {
-        write_error_response(status, false, &mut out);
-    }
+    let out = own_answer(status, false, Version::Http11, head_only);
     let _ = client.write_all(&out).await;
     shard.metrics.record_request(status, started.elapsed());
+}
+
+/// A response the balancer makes itself: only its head when it answers a HEAD (RFC 9110
+/// §9.3.2), whose body on a kept connection would be read as the next response.
+fn own_answer(status: u16, keep_alive: bool, client_version: Version, head_only: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    if head_only {
+        write_error_head_for(status, keep_alive, client_version, &mut out);
+    } else {
+        write_error_response_for(status, keep_alive, client_version, &mut out);
+    }
+    out
 }
 
 /// Answers a request the balancer could not forward (502, 503, 504). When the request was
@@ -238,13 +245,7 @@ async fn respond_unforwarded(
     started: Instant,
 ) -> Next {
     let keep_alive = read_whole && head.keep_alive && !shard.shutdown.is_fired();
-    let mut out = Vec::with_capacity(256);
-    if head.is_head {
-        // A body would be read as the next response on the kept connection.
-        write_error_head_for(status, keep_alive, head.version, &mut out);
-    } else {
-        write_error_response_for(status, keep_alive, head.version, &mut out);
-    }
+    let out = own_answer(status, keep_alive, head.version, head.is_head);
     let written = client.write_all(&out).await.is_ok();
     shard.metrics.record_request(status, started.elapsed());
     match (keep_alive, written) {

@@ -319,7 +319,6 @@ fn connect_any(host: &str, port: u16) -> Result<TcpStream, AgentError> {
     Err(AgentError::Connect(last))
 }
 
-/// Sends `reply` (if any) and flushes what tungstenite queued (pong answers included).
 /// Answers a message over the size limits, whose rest cannot be skipped (tungstenite stops
 /// reading at its header, and what follows would be read as frames): the rejection, then a
 /// close with 1009 "message too big" (RFC 6455 §7.4.1). The rest of it is read and dropped
@@ -350,6 +349,7 @@ fn reject_oversized(ws: &mut WebSocket<TcpStream>, reply: &str) {
     }
 }
 
+/// Sends `reply` (if any) and flushes what tungstenite queued (pong answers included).
 fn answer(ws: &mut WebSocket<TcpStream>, reply: Option<String>) -> tungstenite::Result<()> {
     if let Some(reply) = reply {
         ws.send(Message::text(reply))?;

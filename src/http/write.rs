@@ -273,11 +273,7 @@ pub fn write_response_head(
     if head.upgraded {
         out.extend_from_slice(b"Connection: upgrade\r\n");
     } else if !head.interim {
-        if !opts.keep_alive || opts.dechunk {
-            out.extend_from_slice(b"Connection: close\r\n");
-        } else if opts.client_version == Version::Http10 {
-            out.extend_from_slice(b"Connection: keep-alive\r\n");
-        }
+        put_connection(out, opts.keep_alive && !opts.dechunk, opts.client_version);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -355,7 +351,7 @@ pub fn write_error_head_for(
     out.extend_from_slice(b"\r\n");
 }
 
-/// The Connection field of a response the balancer makes: `close` unless `keep_alive`, and
+/// The Connection field of a response to a client: `close` unless `keep_alive`, and
 /// `keep-alive` to an HTTP/1.0 client that keeps the connection (its default is to close).
 fn put_connection(out: &mut Vec<u8>, keep_alive: bool, client_version: Version) {
     if !keep_alive {
