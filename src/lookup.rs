@@ -226,9 +226,7 @@ async fn serve_hit(
     let written = send_gathered(&mut client.stream, &out, body, Push::Now)
         .await
         .is_ok();
-    shard
-        .metrics
-        .record_request(entry.status, started.elapsed());
+    shard.count_request(entry.status, started);
     if written && keep_alive {
         Next::KeepAlive
     } else {

@@ -74,7 +74,7 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr
         let read = read_head(shard, &mut client, &mut head, first_request_until.take()).await;
         let next = match read {
             HeadRead::Ready => {
-                let started = Instant::now();
+                let started = glommio::timer::now();
                 handle_request(shard, &mut client, &head, client_ip, started).await
             }
             HeadRead::Closed => Next::Close,
@@ -85,7 +85,7 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr
                 let pending = client.pending();
                 let line = pending.iter().position(|b| !matches!(b, b'\r' | b'\n'));
                 let head_only = line.is_some_and(|at| pending[at..].starts_with(b"HEAD "));
-                let now = Instant::now();
+                let now = glommio::timer::now();
                 respond_error(shard, &mut client, error.status(), head_only, now).await;
                 Next::Linger
             }
@@ -217,7 +217,7 @@ pub async fn respond_error(
 ) {
     let out = own_answer(status, false, Version::Http11, head_only);
     let _ = client.write_all(&out).await;
-    shard.metrics.record_request(status, started.elapsed());
+    shard.count_request(status, started);
 }
 
 /// A response the balancer makes itself: only its head when it answers a HEAD (RFC 9110
@@ -247,7 +247,7 @@ async fn respond_unforwarded(
     let keep_alive = read_whole && head.keep_alive && !shard.shutdown.is_fired();
     let out = own_answer(status, keep_alive, head.version, head.is_head);
     let written = client.write_all(&out).await.is_ok();
-    shard.metrics.record_request(status, started.elapsed());
+    shard.count_request(status, started);
     match (keep_alive, written) {
         (true, true) => Next::KeepAlive,
         (true, false) => Next::Close,

@@ -365,7 +365,7 @@ pub async fn relay_response(
         shard,
     )
     .await;
-    shard.metrics.record_request(status, ex.started.elapsed());
+    shard.count_request(status, ex.started);
     match body {
         Err(()) => {
             // The client left mid-body: nothing is stored for the waiters (if any) either.
@@ -774,7 +774,7 @@ async fn switch_protocols(
     upstream.conn.consume(resp.head_len);
     out.extend_from_slice(upstream.conn.pending());
     upstream.conn.clear();
-    ex.shard.metrics.record_request(101, ex.started.elapsed());
+    ex.shard.count_request(101, ex.started);
     if client.write_all(&out).await.is_err() {
         return Relayed::cut_short(101, None);
     }

@@ -293,6 +293,15 @@ pub struct Shard {
 }
 
 impl Shard {
+    /// Counts an answered request. `started` and the end are both read from the executor's
+    /// turn clock, as NGINX times requests with the time it caches per event-loop turn: each
+    /// reading of the real clock costs a request ~1 % of its CPU here, and the turn clock is
+    /// off by at most one turn (microseconds) against buckets of half a millisecond and more.
+    pub fn count_request(&self, status: u16, started: Instant) {
+        let elapsed = glommio::timer::now().saturating_duration_since(started);
+        self.metrics.record_request(status, elapsed);
+    }
+
     /// The counters of a picked server, also for picks made before the latest set change.
     pub fn stats_for(&self, pick: &Pick) -> Option<Arc<BackendStats>> {
         let stats = self.backend_stats.borrow();
