@@ -12,19 +12,18 @@ use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use crate::queue::{is_host_name, parse_snapshot, ServerSet};
+mod cpus;
+mod values;
+
+pub use cpus::{allowed_cpus, format_cpu_list, parse_cpu_list};
+
+use crate::queue::{parse_snapshot, ServerSet};
+use cpus::cpus_within;
+use values::{admin_port, count, host, ip, log_filter, on_off, port, request_path, seconds};
 use WhenUnset::{Describe, Parse};
 
 /// Longest excerpt of a bad value quoted in an error message; BACKENDS can be huge.
 const MAX_QUOTED_CHARS: usize = 200;
-
-/// Largest CPU number accepted; Linux caps `NR_CPUS` at 8192, and a bound keeps a typo such as
-/// `0-99999999` from allocating a huge list.
-const MAX_CPU: usize = 8191;
-
-/// Longest duration accepted for any seconds variable. Far beyond any sensible timeout or TTL,
-/// and small enough that `Instant + duration` can never overflow and panic at runtime.
-const MAX_SECONDS: u64 = 365 * 24 * 60 * 60;
 
 /// Shortest silence tolerated from a backend in the middle of a response body: as long as
 /// NGINX's `proxy_read_timeout` default, so streams with pauses (long polls, reports built as
@@ -451,228 +450,6 @@ impl<'a> Draft<'a> {
 fn set<T>(slot: &mut T, parsed: Result<T, String>) -> Result<(), String> {
     *slot = parsed?;
     Ok(())
-}
-
-/// An IPv4 or IPv6 address, without brackets or port.
-fn ip(v: &str) -> Result<IpAddr, String> {
-    v.parse()
-        .map_err(|_| "expected an IP address such as 0.0.0.0 or ::".to_owned())
-}
-
-/// An env_logger filter (`info`, `balancer=debug,warn`), refused when env_logger would ignore
-/// it with a warning and log nothing at `info`.
-fn log_filter(v: &str) -> Result<String, String> {
-    env_filter::Builder::new()
-        .try_parse(v)
-        .map(|_| v.to_owned())
-        .map_err(|e| {
-            format!("{e}; expected a level (error, warn, info, debug, trace) or module=level list")
-        })
-}
-
-/// `on` or `off` (any case).
-fn on_off(v: &str) -> Result<bool, String> {
-    if v.eq_ignore_ascii_case("on") {
-        Ok(true)
-    } else if v.eq_ignore_ascii_case("off") {
-        Ok(false)
-    } else {
-        Err("expected on or off".to_owned())
-    }
-}
-
-/// `off` (any case) or a port number 0-65535.
-fn admin_port(v: &str) -> Result<Option<u16>, String> {
-    if v.eq_ignore_ascii_case("off") {
-        return Ok(None);
-    }
-    port(v, 0)
-        .map(Some)
-        .map_err(|reason| format!("{reason} or \"off\""))
-}
-
-/// A port number of plain digits, at least `min` (0 or 1).
-fn port(v: &str, min: u16) -> Result<u16, String> {
-    let reason = || format!("expected a port number {min}-65535");
-    if !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(reason());
-    }
-    match v.parse::<u16>() {
-        Ok(p) if p >= min => Ok(p),
-        _ => Err(reason()),
-    }
-}
-
-/// A non-negative whole number of `unit`s, plain digits.
-fn count(v: &str, unit: &str) -> Result<usize, String> {
-    if !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("expected a whole number of {unit}"));
-    }
-    v.parse()
-        .map_err(|_| format!("too large: at most {} {unit}", usize::MAX))
-}
-
-/// Seconds as a plain decimal (`10`, `0.5`); no sign, exponent, unit, `inf` or `nan`.
-fn seconds(v: &str, zero_ok: bool) -> Result<Duration, String> {
-    let bound = if zero_ok { ">= 0" } else { "> 0" };
-    let digits = v.bytes().filter(u8::is_ascii_digit).count();
-    let dots = v.bytes().filter(|&b| b == b'.').count();
-    if digits == 0 || dots > 1 || digits + dots != v.len() {
-        return Err(format!(
-            "expected a number of seconds {bound}, such as 10 or 0.5"
-        ));
-    }
-    let secs: f64 = v
-        .parse()
-        .map_err(|_| format!("expected a number of seconds {bound}, such as 10 or 0.5"))?;
-    if secs > MAX_SECONDS as f64 {
-        return Err(format!("must be at most {MAX_SECONDS} seconds (one year)"));
-    }
-    let duration = Duration::from_secs_f64(secs);
-    // Checked after conversion: 0.0000000001 rounds to zero and would disable a timeout.
-    if duration.is_zero() && !zero_ok {
-        return Err("must be greater than 0 seconds".to_owned());
-    }
-    Ok(duration)
-}
-
-/// An IP address (IPv6 with or without brackets) or a DNS host name.
-fn host(v: &str) -> Result<String, String> {
-    let unbracketed = v.strip_prefix('[').and_then(|s| s.strip_suffix(']'));
-    if let Some(inner) = unbracketed {
-        return match inner.parse::<Ipv6Addr>() {
-            Ok(_) => Ok(inner.to_owned()),
-            Err(_) => Err("expected an IPv6 address inside the brackets".to_owned()),
-        };
-    }
-    if v.parse::<IpAddr>().is_ok() || is_host_name(v) {
-        return Ok(v.to_owned());
-    }
-    if v.contains(':') || v.contains('/') {
-        // The usual mistake is a URL or host:port; say where the port goes.
-        return Err(
-            "expected an IP address or a host name only (the port goes in \
-                    HOST_PORT_WS_DEPLOYMENT_AGENT, the path in DEPLOYMENT_AGENT_PATH)"
-                .to_owned(),
-        );
-    }
-    Err("expected an IP address or a host name".to_owned())
-}
-
-/// A request path for the WebSocket handshake: starts with `/`, and has no whitespace or
-/// control characters, which would corrupt the request line.
-fn request_path(v: &str) -> Result<String, String> {
-    if !v.starts_with('/') {
-        return Err("must start with '/'".to_owned());
-    }
-    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("must not contain spaces or control characters".to_owned());
-    }
-    // A request-target is ASCII (RFC 9112 §3.2); other characters go percent-encoded.
-    if !v.is_ascii() {
-        return Err("must be ASCII (percent-encode other characters)".to_owned());
-    }
-    Ok(v.to_owned())
-}
-
-/// A CPU list every member of which is in `allowed`.
-fn cpus_within(v: &str, allowed: &[usize]) -> Result<Vec<usize>, String> {
-    let cpus = parse_cpu_list(v)?;
-    match cpus.iter().find(|cpu| !allowed.contains(cpu)) {
-        Some(cpu) => Err(format!(
-            "cpu {cpu} is not available to this process (allowed: {})",
-            format_cpu_list(allowed)
-        )),
-        None => Ok(cpus),
-    }
-}
-
-/// Parses a Linux CPU list such as `0-3,6` into sorted, distinct CPU numbers. Spaces around
-/// items are allowed.
-///
-/// # Errors
-/// The reason, for an empty list or item, a reversed range, a non-number or a CPU above 8191.
-pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
-    if s.trim().is_empty() {
-        return Err("empty cpu list".to_owned());
-    }
-    let mut cpus = Vec::new();
-    for item in s.split(',').map(str::trim) {
-        let (first, last) = match item.split_once('-') {
-            Some((a, b)) => (cpu_number(a.trim(), item)?, cpu_number(b.trim(), item)?),
-            None => {
-                let cpu = cpu_number(item, item)?;
-                (cpu, cpu)
-            }
-        };
-        if first > last {
-            return Err(format!("range \"{item}\" runs backwards"));
-        }
-        cpus.extend(first..=last);
-    }
-    cpus.sort_unstable();
-    cpus.dedup();
-    Ok(cpus)
-}
-
-/// One CPU number of plain digits, at most [`MAX_CPU`]; `item` is quoted in the reason.
-fn cpu_number(s: &str, item: &str) -> Result<usize, String> {
-    if item.is_empty() {
-        return Err("empty item in cpu list".to_owned());
-    }
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "\"{item}\" is not a cpu number or range such as 0-3"
-        ));
-    }
-    match s.parse::<usize>() {
-        Ok(cpu) if cpu <= MAX_CPU => Ok(cpu),
-        _ => Err(format!("cpu {s} is out of range (at most {MAX_CPU})")),
-    }
-}
-
-/// Formats CPU numbers as a Linux CPU list, collapsing runs: `[0,1,2,3,6]` gives `0-3,6`.
-pub fn format_cpu_list(cpus: &[usize]) -> String {
-    let mut sorted = cpus.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut parts = Vec::new();
-    let mut i = 0;
-    while i < sorted.len() {
-        let start = sorted[i];
-        let mut end = start;
-        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
-            i += 1;
-            end = sorted[i];
-        }
-        parts.push(if start == end {
-            start.to_string()
-        } else {
-            format!("{start}-{end}")
-        });
-        i += 1;
-    }
-    parts.join(",")
-}
-
-/// The CPUs this process may run on, from `Cpus_allowed_list` in `/proc/self/status` (it
-/// reflects both `taskset` and cgroup cpusets).
-///
-/// # Errors
-/// When the file cannot be read or has no parsable `Cpus_allowed_list` line.
-pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
-    use std::io::{Error, ErrorKind};
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let list = status
-        .lines()
-        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
-        .ok_or_else(|| Error::new(ErrorKind::NotFound, "no Cpus_allowed_list"))?;
-    parse_cpu_list(list).map_err(|reason| {
-        Error::new(
-            ErrorKind::InvalidData,
-            format!("Cpus_allowed_list: {reason}"),
-        )
-    })
 }
 
 /// `--help`: usage, every variable of `VARIABLES` with its meaning and default, and the
@@ -1136,87 +913,6 @@ mod tests {
     }
 
     #[test]
-    fn seconds_accept_plain_decimals_only() {
-        let good: &[(&str, f64)] = &[
-            ("0", 0.0),
-            ("10", 10.0),
-            ("0.5", 0.5),
-            (".5", 0.5),
-            ("3.", 3.0),
-        ];
-        for (text, want) in good {
-            assert_eq!(seconds(text, true), Ok(secs(*want)), "{text:?}");
-        }
-        for text in [
-            "", ".", "1s", "-1", "+1", "nan", "inf", "1e3", "1.2.3", "1,5", "31536001",
-        ] {
-            assert!(seconds(text, true).is_err(), "{text:?} must be rejected");
-        }
-        assert!(seconds("0.0000000001", false).is_err(), "rounds to zero");
-    }
-
-    #[test]
-    fn cpu_lists_parse() {
-        let cases: &[(&str, &[usize])] = &[
-            ("0", &[0]),
-            ("0-3,6", &[0, 1, 2, 3, 6]),
-            ("6,0-1", &[0, 1, 6]),
-            ("0-2,1-3", &[0, 1, 2, 3]),
-            (" 0 - 1 , 4 ", &[0, 1, 4]),
-            ("5-5", &[5]),
-            ("0-1\n", &[0, 1]),
-        ];
-        for (text, want) in cases {
-            assert_eq!(parse_cpu_list(text).as_deref(), Ok(*want), "{text:?}");
-        }
-    }
-
-    #[test]
-    fn cpu_lists_reject_malformed_input() {
-        let cases: &[(&str, &str)] = &[
-            ("", "empty cpu list"),
-            ("   ", "empty cpu list"),
-            ("3-1", "runs backwards"),
-            ("0,", "empty item"),
-            (",0", "empty item"),
-            ("0,,1", "empty item"),
-            ("a", "not a cpu number"),
-            ("0-", "not a cpu number"),
-            ("-1", "not a cpu number"),
-            ("1-2-3", "not a cpu number"),
-            ("0x1", "not a cpu number"),
-            ("0-99999999999", "out of range"),
-            ("8192", "out of range"),
-        ];
-        for (text, reason) in cases {
-            let err = parse_cpu_list(text).expect_err(text);
-            assert!(err.contains(reason), "{text:?}: {err}");
-        }
-    }
-
-    #[test]
-    fn cpu_lists_format_with_runs_collapsed() {
-        let cases: &[(&[usize], &str)] = &[
-            (&[], ""),
-            (&[0], "0"),
-            (&[0, 1, 2, 3, 6], "0-3,6"),
-            (&[6, 0, 1, 1], "0-1,6"),
-            (&[1, 3, 5], "1,3,5"),
-        ];
-        for (cpus, want) in cases {
-            assert_eq!(format_cpu_list(cpus), *want, "{cpus:?}");
-        }
-    }
-
-    #[test]
-    fn cpu_list_formatting_round_trips() {
-        for text in ["0", "0-3,6", "1,3,5-9,12"] {
-            let cpus = parse_cpu_list(text).expect("valid");
-            assert_eq!(format_cpu_list(&cpus), text);
-        }
-    }
-
-    #[test]
     fn cpu_outside_the_allowed_set_is_rejected() {
         let err = parse_with("BALANCER_CPUS", "0-7").expect_err("cpu 2 not allowed");
         assert_eq!(
@@ -1252,12 +948,6 @@ mod tests {
             ),
             "{err:?}"
         );
-    }
-
-    #[test]
-    fn allowed_cpus_reads_this_process_affinity() {
-        let cpus = allowed_cpus().expect("/proc/self/status is readable on linux");
-        assert!(!cpus.is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!   connections over them, and owns everything a request touches: its copy of the
 //!   `balancer::Balancer` (selection table and passive health), its `client::Pool` of backend
 //!   connections, its `cache::Cache` and its `metrics::ShardMetrics`. The request path
-//!   (`proxy`, `relay`) takes no lock and never talks to another shard.
+//!   (`proxy`, `lookup`, `exchange`, `relay`) takes no lock and never talks to another shard.
 //! - **The agent thread** (`socket`): a blocking tungstenite client to the deployment agent.
 //!   Each text message is validated (`queue`), resolved (`resolve`) and broadcast to every
 //!   shard over a crossbeam channel plus a one-byte wake-up on a socketpair, so a shard
@@ -22,8 +22,9 @@
 //!
 //! Pure modules (`config`, `queue`, `balancer`, `backoff`, `http`, `body`, `cache`,
 //! `metrics`, `buffers`) take time and randomness as parameters and do no I/O; glue modules
-//! (`shard`, `proxy`, `lookup`, `relay`, `client`, `stream`, `socket`, `admin`, `resolve`) do
-//! I/O and hold no policy. A shard's I/O buffers (`buffers`) are pooled last-in first-out, so
+//! (`shard`, `proxy`, `lookup`, `exchange`, `relay`, `client`, `stream`, `splice`, `socket`,
+//! `admin`, `resolve`, `startup`) do I/O and hold no policy; `signal` is the shard's
+//! shutdown broadcast. A shard's I/O buffers (`buffers`) are pooled last-in first-out, so
 //! the request path reuses memory still in the CPU cache instead of allocating per request.
 #![deny(unsafe_code)]
 
@@ -35,6 +36,7 @@ pub mod buffers;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod exchange;
 pub mod http;
 pub mod lookup;
 pub mod metrics;
@@ -43,6 +45,8 @@ pub mod queue;
 pub mod relay;
 pub mod resolve;
 pub mod shard;
+pub mod signal;
 pub mod socket;
 pub mod splice;
+pub mod startup;
 pub mod stream;

@@ -1,4 +1,5 @@
-//! The cache in front of the proxy: serve hits, and coalesce concurrent misses for one key.
+//! The cache in front of the proxy: serve hits, coalesce concurrent misses for one key, and
+//! store the responses the cache rules allow.
 //!
 //! The first miss for a key on a shard leads and goes to a backend; later misses for the
 //! same key wait for it (see `cache::flights`), then look again. If the leader's response was
@@ -12,15 +13,64 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::cache::flights::{Flight, FlightEnd, Join};
-use crate::cache::{is_cacheable_request, CacheKey, CachedResponse, Lookup};
+use crate::cache::{
+    is_cacheable_request, storability, CacheKey, CachedResponse, Lookup, Storability,
+};
 use crate::http::{write_hit_head, RequestFraming, RequestHead};
-use crate::proxy::{CacheCandidate, Next};
+use crate::proxy::Next;
 use crate::shard::Shard;
 use crate::stream::{send_gathered, Conn, Push};
 
 /// Below this much of its `REQUEST_TIMEOUT` left, a waiter whose leader timed out answers 504
 /// at once rather than try a backend it cannot wait for.
 const MIN_HEAD_WAIT: Duration = Duration::from_millis(1);
+
+/// The parts of a cacheable request's key, copied out of the client buffer on a miss.
+pub struct CacheCandidate {
+    pub host: Vec<u8>,
+    pub target: Vec<u8>,
+    pub accept_encoding: Option<Vec<u8>>,
+}
+
+/// Stores a completed response if the cache rules allow it.
+pub fn store(
+    shard: &Shard,
+    candidate: &CacheCandidate,
+    status: u16,
+    plan: crate::relay::StorePlan,
+) {
+    let now = Instant::now();
+    let body = Rc::from(plan.body.into_boxed_slice());
+    let response =
+        CachedResponse::new(status, plan.headers, body, now, plan.ttl).arrived_aged(plan.age);
+    let mut cache = shard.cache.borrow_mut();
+    cache.insert(
+        &candidate.host,
+        &candidate.target,
+        candidate.accept_encoding.as_deref(),
+        plan.vary_accept_encoding,
+        response,
+        now,
+    );
+    shard.metrics.cache_entries.set(cache.len() as u64);
+    shard.metrics.cache_evictions.set(cache.stats().evictions);
+}
+
+/// Whether a response may be stored (SPEC §7), given its status and headers.
+pub fn cache_decision(
+    shard: &Shard,
+    status: u16,
+    headers: &[(&[u8], &[u8])],
+    body_len: Option<u64>,
+) -> Storability {
+    storability(
+        status,
+        headers,
+        body_len,
+        shard.config.cache_ttl,
+        shard.config.cache_max_object_bytes,
+    )
+}
 
 /// What the cache decided for one request.
 pub enum CacheStep {

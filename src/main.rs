@@ -13,8 +13,9 @@ use signal_hook::iterator::Signals;
 use balancer::admin::{self, Status};
 use balancer::config::{help_text, version_text, Config, ConfigError};
 use balancer::resolve::resolve;
-use balancer::shard::{self, Listener, RunningShard, ShardCommand, StartupError, Update};
+use balancer::shard::{self, RunningShard, ShardCommand, Update};
 use balancer::socket::{self, AgentLink};
+use balancer::startup::{self, Listener, StartupError};
 
 /// glommio refuses to start an executor below this memlock limit.
 const MIN_MEMLOCK: u64 = 512 * 1024;
@@ -99,7 +100,7 @@ fn run(config: Config, initial: Update, signals: Signals) -> Result<(), String> 
             return Err(StartupError::MemlockTooLow(limit).to_string());
         }
     }
-    shard::check_io_uring().map_err(|e| e.to_string())?;
+    startup::check_io_uring().map_err(|e| e.to_string())?;
     // Bound before the shards start: a process that cannot start must never have accepted a
     // connection or logged `listening on`.
     if !config.reuse_port {
@@ -112,7 +113,7 @@ fn run(config: Config, initial: Update, signals: Signals) -> Result<(), String> 
             ),
         ] {
             if let Some(port @ 1..) = port {
-                shard::ensure_port_free(SocketAddr::new(ip, port), listener)
+                startup::ensure_port_free(SocketAddr::new(ip, port), listener)
                     .map_err(|e| e.to_string())?;
             }
         }

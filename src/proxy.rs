@@ -1,7 +1,8 @@
 //! One client connection: read a head, answer from the cache or pick a server, forward, relay.
 //!
 //! Every decision about bytes (framing, rewriting, cacheability, what a failure means) is made
-//! by the pure modules; this file sequences the I/O and the retry loop.
+//! by the pure modules; this file sequences the I/O and the retry loop, and `exchange` runs
+//! each attempt on one server.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -15,15 +16,14 @@ use log::{debug, warn};
 use crate::balancer::{Outcome, Pick};
 use crate::body::ChunkedDecoder;
 use crate::cache::flights::FlightEnd;
-use crate::cache::{storability, CachedResponse, Storability};
-use crate::client::{connect, Upstream, UpstreamError};
+use crate::client::UpstreamError;
+use crate::exchange::{may_send_twice, BodyPlan, Exchange, Failure};
 use crate::http::{
     parse_request, write_error_head_for, write_error_response_for, write_forward_request,
     HttpError, RequestFraming, RequestHead, Version,
 };
-use crate::lookup::{CacheStep, FlightGuard};
+use crate::lookup::CacheStep;
 use crate::metrics::ErrorKind;
-use crate::relay::{relay_response, Relayed};
 use crate::shard::Shard;
 use crate::stream::Conn;
 
@@ -36,10 +36,6 @@ const CLIENT_BUFFER_MAX: usize = crate::http::MAX_HEAD_BYTES + 16 * 1024;
 pub const REPLAYABLE_BODY: u64 = 64 * 1024;
 /// Each request gets at most this many retries, each on a server not tried yet.
 const MAX_RETRIES: usize = 2;
-/// How long to wait for a backend's `100 Continue` before sending the body anyway (as curl does).
-const EXPECT_WAIT: Duration = Duration::from_secs(1);
-/// Connect attempts give up after this (or REQUEST_TIMEOUT if shorter), then try another server.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After answering with an error on a connection that may still carry unread request bytes,
 /// keep reading (and discarding) them this long so the client sees our answer, not a reset.
 const LINGER: Duration = Duration::from_secs(2);
@@ -275,22 +271,6 @@ async fn linger(client: &mut Conn) {
     }
 }
 
-/// The parts of a cacheable request's key, copied out of the client buffer on a miss.
-pub struct CacheCandidate {
-    pub host: Vec<u8>,
-    pub target: Vec<u8>,
-    pub accept_encoding: Option<Vec<u8>>,
-}
-
-/// How the request body travels.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum BodyPlan {
-    /// No body, or one small enough that it is inside `request` (replayable).
-    Buffered,
-    /// Streamed from the client after the head; cannot be replayed.
-    Streamed(RequestFraming),
-}
-
 async fn handle_request(
     shard: &Rc<Shard>,
     client: &mut Conn,
@@ -476,17 +456,6 @@ async fn handle_request(
     }
 }
 
-/// SPEC §6: only an idempotent method without a body may reach a backend twice.
-/// `Content-Length: 0` is an empty body (RFC 9110 §8.6): such a request is as safe to replay
-/// as one without the header.
-fn may_send_twice(head: &RequestHead) -> bool {
-    head.idempotent
-        && matches!(
-            head.framing,
-            RequestFraming::None | RequestFraming::Length(0)
-        )
-}
-
 fn record(shard: &Shard, pick: &Pick, outcome: Outcome) {
     let changed = shard
         .balancer
@@ -540,169 +509,4 @@ async fn read_chunked_whole(
             _ => return Err(Failure::Client),
         }
     }
-}
-
-/// Why an exchange with one server ended without a response reaching the client.
-pub enum Failure {
-    /// The backend failed before the client received anything: may be retried.
-    Upstream(UpstreamError),
-    /// The client went away: close.
-    Client,
-    /// The client broke the request body's framing: answer with this status and close.
-    ClientStatus(u16),
-}
-
-/// One attempt to serve a request through one server.
-pub struct Exchange<'a> {
-    pub shard: &'a Rc<Shard>,
-    pub head: &'a RequestHead,
-    pub request: &'a [u8],
-    plan: BodyPlan,
-    pub candidate: Option<&'a CacheCandidate>,
-    /// Present when this request leads the cache misses for its key.
-    pub flight: Option<&'a FlightGuard>,
-    pub head_timeout: Duration,
-    pub started: Instant,
-}
-
-impl Exchange<'_> {
-    /// Whether the request may be sent a second time after the backend took it and answered
-    /// nothing (SPEC §6): an idempotent method without a body. Only such a request goes on a
-    /// pooled connection, so a backend that closed one while idle (or reads a POST, then
-    /// dies) never makes a request run twice, nor fail when it needs not.
-    pub fn replayable(&self) -> bool {
-        self.plan == BodyPlan::Buffered && may_send_twice(self.head)
-    }
-
-    async fn run(&self, client: &mut Conn, pick: &Pick) -> Result<Relayed, Failure> {
-        let addr = pick.backend.addr;
-        let replayable = self.replayable();
-        let mut upstream = self.checkout(addr, replayable).await?;
-        let outcome = self
-            .send_and_relay(client, &mut upstream, self.head_timeout)
-            .await;
-        match outcome {
-            // A pooled connection the backend had already closed: the request never reached
-            // it, so send it again on a fresh connection. Not a failure of the server.
-            Err(Failure::Upstream(e))
-                if e.reused && replayable && e.kind == ErrorKind::Reset && !e.response_started =>
-            {
-                debug!("stale pooled connection to {addr}; retrying on a fresh one");
-                let mut fresh = self.connect(addr).await?;
-                self.send_and_relay(client, &mut fresh, self.head_timeout)
-                    .await
-                    .map(|r| self.release(fresh, r))
-            }
-            other => other.map(|r| self.release(upstream, r)),
-        }
-    }
-
-    fn release(&self, upstream: Upstream, relayed: Relayed) -> Relayed {
-        if relayed.reusable {
-            self.shard
-                .pool
-                .borrow_mut()
-                .put(upstream, glommio::timer::now());
-        }
-        relayed
-    }
-
-    /// A pooled connection when the request can be replayed should it turn out stale; a
-    /// fresh one otherwise, because a backend may close an idle connection at any moment
-    /// and a request with a body, or a POST, must not be sent twice.
-    async fn checkout(&self, addr: SocketAddr, replayable: bool) -> Result<Upstream, Failure> {
-        if !replayable {
-            return self.connect(addr).await;
-        }
-        // The request's start time is recent enough for a 30 s idle check, and saves a clock read.
-        let pooled = self.shard.pool.borrow_mut().take(addr, self.started);
-        match pooled {
-            Some(upstream) => {
-                self.shard.metrics.upstream_reused.inc();
-                Ok(upstream)
-            }
-            None => self.connect(addr).await,
-        }
-    }
-
-    async fn connect(&self, addr: SocketAddr) -> Result<Upstream, Failure> {
-        let timeout = self.head_timeout.min(CONNECT_TIMEOUT);
-        let upstream = connect(addr, timeout).await.map_err(Failure::Upstream)?;
-        // A backend that takes no byte of a request (a body larger than the socket buffers)
-        // for REQUEST_TIMEOUT has not answered in that time either: 504, never a hang.
-        let _ = upstream
-            .conn
-            .stream
-            .set_write_timeout(Some(self.shard.config.request_timeout));
-        self.shard.metrics.upstream_created.inc();
-        Ok(upstream)
-    }
-
-    async fn send_and_relay(
-        &self,
-        client: &mut Conn,
-        upstream: &mut Upstream,
-        timeout: Duration,
-    ) -> Result<Relayed, Failure> {
-        let reused = upstream.reused;
-        let sent_err = |e: io::Error| Failure::Upstream(UpstreamError::from_io(&e, reused, true));
-        upstream
-            .conn
-            .write_all(self.request)
-            .await
-            .map_err(sent_err)?;
-        let mut body_sent = self.plan == BodyPlan::Buffered;
-        if let BodyPlan::Streamed(framing) = self.plan {
-            if self.head.expect_continue {
-                match crate::relay::await_continue(self, client, upstream, EXPECT_WAIT).await? {
-                    crate::relay::Continue::SendBody => {}
-                    crate::relay::Continue::Answered(relayed) => return Ok(relayed),
-                }
-            }
-            let forwarded =
-                crate::relay::forward_body(self.shard, client, upstream, framing).await?;
-            body_sent = forwarded == crate::relay::BodyForwarded::Whole;
-        }
-        relay_response(self, client, upstream, timeout, body_sent).await
-    }
-}
-
-/// Stores a completed response if the cache rules allow it.
-pub fn store(
-    shard: &Shard,
-    candidate: &CacheCandidate,
-    status: u16,
-    plan: crate::relay::StorePlan,
-) {
-    let now = Instant::now();
-    let body = Rc::from(plan.body.into_boxed_slice());
-    let response =
-        CachedResponse::new(status, plan.headers, body, now, plan.ttl).arrived_aged(plan.age);
-    let mut cache = shard.cache.borrow_mut();
-    cache.insert(
-        &candidate.host,
-        &candidate.target,
-        candidate.accept_encoding.as_deref(),
-        plan.vary_accept_encoding,
-        response,
-        now,
-    );
-    shard.metrics.cache_entries.set(cache.len() as u64);
-    shard.metrics.cache_evictions.set(cache.stats().evictions);
-}
-
-/// Whether a response may be stored (SPEC §7), given its status and headers.
-pub fn cache_decision(
-    shard: &Shard,
-    status: u16,
-    headers: &[(&[u8], &[u8])],
-    body_len: Option<u64>,
-) -> Storability {
-    storability(
-        status,
-        headers,
-        body_len,
-        shard.config.cache_ttl,
-        shard.config.cache_max_object_bytes,
-    )
 }

@@ -1,23 +1,30 @@
 //! Moving one exchange's bytes: the request body to the backend, the response back to the client.
+//! This module reads the response head and decides how the response travels (kept for the
+//! cache, spliced, tunnelled); `request` sends the request body, `response_body` moves the
+//! response body.
+
+mod request;
+mod response_body;
+
+pub use request::{await_continue, forward_body, BodyForwarded, Continue};
 
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::body::ChunkedDecoder;
-use crate::buffers::{PooledBuffer, BODY_BUFFER};
 use crate::cache::flights::FlightEnd;
 use crate::cache::{Storability, StoredHeader};
 use crate::client::{Upstream, UpstreamError};
+use crate::exchange::{Exchange, Failure};
 use crate::http::{
-    parse_response, write_response_head, RequestFraming, ResponseFraming, ResponseHead,
-    ResponseOptions, Version,
+    parse_response, write_response_head, ResponseFraming, ResponseHead, ResponseOptions, Version,
 };
 use crate::lookup::FlightGuard;
+use crate::lookup::{cache_decision, store};
 use crate::metrics::ErrorKind;
-use crate::proxy::{cache_decision, store, Exchange, Failure, Next};
-use crate::shard::Shard;
-use crate::splice::{self, Spliced, SPLICE_MIN};
-use crate::stream::{tunnel, Conn, Push};
+use crate::proxy::Next;
+use crate::splice::SPLICE_MIN;
+use crate::stream::{tunnel, Conn};
+use response_body::{stream_body, BodyEnd, StoreCopy};
 
 /// A backend's receive buffer may grow to hold a head this large (then the head is refused).
 const UPSTREAM_BUFFER_MAX: usize = crate::http::MAX_HEAD_BYTES + 16 * 1024;
@@ -122,69 +129,6 @@ async fn read_response_head(
     }
 }
 
-/// Whether the backend has begun a final answer while the request body is still being sent.
-/// Costs a read only when its poll reported something; interim (1xx) answers do not count
-/// (they are relayed ahead of the final one).
-fn answered_early(upstream: &mut Upstream) -> bool {
-    if !upstream.conn.has_pending() {
-        match upstream.conn.take_reported_input() {
-            Ok(Some(n)) if n > 0 => {}
-            Ok(None) => return false,
-            // Closed or failed: reading the answer will tell what (if anything) came.
-            Ok(Some(_)) | Err(_) => return true,
-        }
-    }
-    starts_final_status(upstream.conn.pending())
-}
-
-/// Whether `bytes` begin a status line whose status is not 1xx ("HTTP/1.1 413"); anything
-/// that is not a status line counts too (reading it as the answer fails it as malformed).
-fn starts_final_status(bytes: &[u8]) -> bool {
-    const STATUS_AT: usize = b"HTTP/1.1 ".len();
-    match bytes.get(STATUS_AT) {
-        Some(b'1') => !bytes.starts_with(b"HTTP/1."),
-        Some(_) => true,
-        None => !b"HTTP/1.1 ".starts_with(bytes) && !b"HTTP/1.0 ".starts_with(bytes),
-    }
-}
-
-/// What the backend said to `Expect: 100-continue`.
-pub enum Continue {
-    SendBody,
-    Answered(Relayed),
-}
-
-/// Waits briefly for the backend's interim answer before the body is sent: `100 Continue`
-/// (relayed to the client, which then sends its body), a final answer (relayed; the body is
-/// never sent), or silence (send the body anyway).
-pub async fn await_continue(
-    ex: &Exchange<'_>,
-    client: &mut Conn,
-    upstream: &mut Upstream,
-    wait: Duration,
-) -> Result<Continue, Failure> {
-    let deadline = glommio::timer::now() + wait;
-    let mut resp = ResponseHead::default();
-    loop {
-        match read_response_head(upstream, ex.head.is_head, &mut resp, deadline).await {
-            Ok(()) => {}
-            Err(Failure::Upstream(e)) if e.kind == ErrorKind::Timeout => {
-                return Ok(Continue::SendBody)
-            }
-            Err(other) => return Err(other),
-        }
-        if !resp.interim {
-            let relayed = relay_response(ex, client, upstream, ex.head_timeout, false).await?;
-            return Ok(Continue::Answered(relayed));
-        }
-        let is_continue = resp.status == 100;
-        relay_interim(ex, client, upstream, &resp).await?;
-        if is_continue {
-            return Ok(Continue::SendBody);
-        }
-    }
-}
-
 async fn relay_interim(
     ex: &Exchange<'_>,
     client: &mut Conn,
@@ -205,73 +149,6 @@ async fn relay_interim(
     }
     upstream.conn.consume(resp.head_len);
     Ok(())
-}
-
-/// How much of a streamed request body reached the backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyForwarded {
-    Whole,
-    /// The backend answered before the body was all sent (RFC 9112 §9.5: a 413 or 401 while
-    /// the client is still uploading): the rest is not forwarded, the answer is relayed, and
-    /// neither connection carries another exchange.
-    AnsweredEarly,
-}
-
-/// Streams a request body that was not buffered from the client to the backend.
-pub async fn forward_body(
-    shard: &Shard,
-    client: &mut Conn,
-    upstream: &mut Upstream,
-    framing: RequestFraming,
-) -> Result<BodyForwarded, Failure> {
-    let mut remaining = match framing {
-        RequestFraming::Length(n) => n,
-        RequestFraming::Chunked => u64::MAX,
-        RequestFraming::None => return Ok(BodyForwarded::Whole),
-    };
-    let mut decoder = ChunkedDecoder::new();
-    client.set_read_timeout(Some(shard.config.client_idle_timeout));
-    loop {
-        if answered_early(upstream) {
-            return Ok(BodyForwarded::AnsweredEarly);
-        }
-        if client.has_pending() {
-            let take = match framing {
-                RequestFraming::Chunked => decoder
-                    .feed(client.pending(), |_| {})
-                    .map_err(|_| Failure::ClientStatus(400))?,
-                _ => client.pending().len().min(remaining as usize),
-            };
-            if let Err(e) = upstream.conn.write_all(&client.pending()[..take]).await {
-                // A backend that answered and closed without reading the rest (its close
-                // with unread bytes is a reset): the answer is still in the socket.
-                if matches!(upstream.conn.try_fill(), Ok(Some(n)) if n > 0) {
-                    return Ok(BodyForwarded::AnsweredEarly);
-                }
-                let kind = if e.kind() == io::ErrorKind::TimedOut {
-                    ErrorKind::Timeout
-                } else {
-                    ErrorKind::Reset
-                };
-                return Err(upstream_failure(kind, upstream, e));
-            }
-            client.consume(take);
-            if framing != RequestFraming::Chunked {
-                remaining -= take as u64;
-            }
-        }
-        let finished = match framing {
-            RequestFraming::Chunked => decoder.is_done(),
-            _ => remaining == 0,
-        };
-        if finished {
-            return Ok(BodyForwarded::Whole);
-        }
-        match client.fill(crate::http::MAX_HEAD_BYTES).await {
-            Ok(n) if n > 0 => {}
-            _ => return Err(Failure::Client),
-        }
-    }
 }
 
 /// Relays the backend's response (interim ones first) to the client.
@@ -462,275 +339,6 @@ fn plan_store(ex: &Exchange<'_>, resp: &ResponseHead, pending: &[u8]) -> Option<
     None
 }
 
-/// Copies the response body to the client in its framing (or de-chunked for HTTP/1.0),
-/// sending the already-rendered head (in `staged`) with the first bytes; copies it for the
-/// cache too. Before each send, `staged` is topped up with whatever the backend has ready, so
-/// a response leaves in as few sends as its arrival allows. `opts` are the head's: whether
-/// the body is de-chunked, and whether the connection closes after it. `Err(())`: the client
-/// went away.
-async fn stream_body(
-    client: &mut Conn,
-    upstream: &mut Upstream,
-    framing: ResponseFraming,
-    opts: &ResponseOptions<'_>,
-    mut staged: PooledBuffer<'_>,
-    store: StoreCopy<'_, '_>,
-    shard: &Shard,
-) -> Result<BodyEnd, ()> {
-    let (dechunk, closing) = (opts.dechunk, !opts.keep_alive);
-    let max_store = shard.config.cache_max_object_bytes;
-    let StoreCopy { plan, flight } = store;
-    // A body copied for the cache has to pass through user space anyway.
-    let may_splice = plan.is_none();
-    let mut collect = |bytes: &[u8]| {
-        if let Some(p) = plan {
-            if p.body.len() + bytes.len() > max_store {
-                *plan = None;
-                // Too large after all (chunked, or delimited by the close): the requests
-                // waiting for it to be stored need not wait for the rest.
-                end_flight_unstored(flight);
-            } else {
-                p.body.extend_from_slice(bytes);
-            }
-        }
-    };
-
-    upstream
-        .conn
-        .set_read_timeout(Some(shard.config.body_idle_timeout()));
-    match framing {
-        ResponseFraming::None => send_last(client, &mut staged, closing)
-            .await
-            .map_err(|_| ())
-            .map(|_| BodyEnd::Complete),
-        ResponseFraming::Length(n) => {
-            let mut remaining = n;
-            loop {
-                let take = (upstream.conn.pending().len() as u64).min(remaining) as usize;
-                remaining -= take as u64;
-                if may_splice && remaining >= SPLICE_MIN {
-                    if let Some(end) =
-                        splice_rest(client, upstream, &mut staged, take, remaining, shard).await
-                    {
-                        break end;
-                    }
-                }
-                let chunk = &upstream.conn.pending()[..take];
-                collect(chunk);
-                staged.extend_from_slice(chunk);
-                upstream.conn.consume(take);
-                let topped = top_up(upstream, &mut staged, remaining, &mut collect);
-                remaining -= topped.read;
-                let sent = if remaining == 0 {
-                    send_last(client, &mut staged, closing).await
-                } else {
-                    send_staged(client, &mut staged).await
-                };
-                if sent.is_err() {
-                    break Err(());
-                }
-                if remaining == 0 {
-                    break Ok(BodyEnd::Complete);
-                }
-                match topped.stop {
-                    Stop::Full => continue,
-                    Stop::Closed | Stop::Failed => break Ok(BodyEnd::Failed(ErrorKind::Reset)),
-                    Stop::Empty => {}
-                }
-                if let Some(kind) = refill(upstream).await {
-                    break Ok(BodyEnd::Failed(kind));
-                }
-            }
-        }
-        ResponseFraming::Chunked => {
-            let mut decoder = ChunkedDecoder::new();
-            loop {
-                let pending = upstream.conn.pending();
-                let fed = decoder.feed(pending, |data| {
-                    collect(data);
-                    if dechunk {
-                        staged.extend_from_slice(data);
-                    }
-                });
-                let consumed = match fed {
-                    Ok(c) => c,
-                    Err(_) => {
-                        let _ = client.write_all(&staged).await;
-                        break Ok(BodyEnd::Failed(ErrorKind::BadResponse));
-                    }
-                };
-                if !dechunk {
-                    staged.extend_from_slice(&pending[..consumed]);
-                }
-                upstream.conn.consume(consumed);
-                let mut stop = Stop::Empty;
-                if !decoder.is_done() && staged.len() < BODY_BUFFER {
-                    stop = match upstream.conn.try_fill() {
-                        Ok(Some(0)) => Stop::Closed,
-                        Ok(Some(_)) => continue,
-                        Ok(None) => Stop::Empty,
-                        Err(_) => Stop::Failed,
-                    };
-                }
-                if send_staged(client, &mut staged).await.is_err() {
-                    break Err(());
-                }
-                if decoder.is_done() {
-                    break Ok(BodyEnd::Complete);
-                }
-                if let Stop::Closed | Stop::Failed = stop {
-                    break Ok(BodyEnd::Failed(ErrorKind::Reset));
-                }
-                if let Some(kind) = refill(upstream).await {
-                    break Ok(BodyEnd::Failed(kind));
-                }
-            }
-        }
-        ResponseFraming::Close => loop {
-            let chunk = upstream.conn.pending();
-            collect(chunk);
-            staged.extend_from_slice(chunk);
-            upstream.conn.clear();
-            let topped = top_up(upstream, &mut staged, u64::MAX, &mut collect);
-            if send_staged(client, &mut staged).await.is_err() {
-                break Err(());
-            }
-            match topped.stop {
-                Stop::Full => continue,
-                Stop::Closed => break Ok(BodyEnd::Complete),
-                Stop::Failed => break Ok(BodyEnd::Failed(ErrorKind::Reset)),
-                Stop::Empty => {}
-            }
-            match upstream.conn.fill(crate::client::UPSTREAM_BUFFER).await {
-                Ok(0) => break Ok(BodyEnd::Complete),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    break Ok(BodyEnd::Failed(ErrorKind::Timeout))
-                }
-                Err(_) => break Ok(BodyEnd::Failed(ErrorKind::Reset)),
-            }
-        },
-    }
-}
-
-/// Sends `staged` (the head, and any body bytes gathered before) followed by the first
-/// `already_read` bytes of the backend connection's buffer (body bytes read with the head),
-/// and splices the `remaining` body bytes from the backend's socket to the client's (see
-/// `splice`). `None` when no pipe or non-blocking socket can be had: the caller copies
-/// instead, with nothing sent or consumed yet.
-async fn splice_rest(
-    client: &mut Conn,
-    upstream: &mut Upstream,
-    staged: &mut Vec<u8>,
-    already_read: usize,
-    remaining: u64,
-    shard: &Shard,
-) -> Option<Result<BodyEnd, ()>> {
-    client.make_spliceable().ok()?;
-    upstream.conn.make_spliceable().ok()?;
-    let mut pipe = shard.pipes.take()?;
-    let read_body = &upstream.conn.pending()[..already_read];
-    if crate::stream::send_gathered(&mut client.stream, staged, read_body, Push::More)
-        .await
-        .is_err()
-    {
-        return Some(Err(()));
-    }
-    staged.clear();
-    upstream.conn.consume(already_read);
-    let end = splice::splice_exact(
-        &mut upstream.conn.stream,
-        &mut client.stream,
-        remaining,
-        &mut pipe,
-    )
-    .await;
-    shard.pipes.put(pipe);
-    Some(match end {
-        Spliced::Complete => Ok(BodyEnd::Complete),
-        Spliced::BackendClosed | Spliced::BackendFailed => Ok(BodyEnd::Failed(ErrorKind::Reset)),
-        Spliced::BackendTimedOut => Ok(BodyEnd::Failed(ErrorKind::Timeout)),
-        Spliced::ClientGone => Err(()),
-    })
-}
-
-/// Sends the response's last bytes. When the connection closes right after, they go with
-/// MSG_MORE: TCP holds the last segment until the close, whose FIN then travels in it instead
-/// of a segment of its own.
-async fn send_last(client: &mut Conn, staged: &mut Vec<u8>, closing: bool) -> io::Result<()> {
-    if closing && !staged.is_empty() {
-        crate::splice::send_more(&mut client.stream, staged).await?;
-        staged.clear();
-        return Ok(());
-    }
-    send_staged(client, staged).await
-}
-
-/// Sends what `staged` holds (if anything) and empties it for the next gather.
-async fn send_staged(client: &mut Conn, staged: &mut Vec<u8>) -> io::Result<()> {
-    if !staged.is_empty() {
-        client.write_all(staged).await?;
-        staged.clear();
-    }
-    Ok(())
-}
-
-/// Why `top_up` stopped reading.
-enum Stop {
-    /// `staged` is full or the limit was reached: send, then top up again.
-    Full,
-    /// Nothing more is ready: send, then wait for the backend.
-    Empty,
-    /// The backend closed the connection.
-    Closed,
-    /// The backend connection failed.
-    Failed,
-}
-
-struct TopUp {
-    read: u64,
-    stop: Stop,
-}
-
-/// Appends to `staged` (up to `BODY_BUFFER`, and at most `limit` bytes) what the backend has
-/// ready right now, without waiting, passing each piece to `collect` too. The connection's own
-/// buffer must be empty.
-fn top_up(
-    upstream: &Upstream,
-    staged: &mut Vec<u8>,
-    limit: u64,
-    collect: &mut impl FnMut(&[u8]),
-) -> TopUp {
-    let mut read = 0u64;
-    loop {
-        let room = (BODY_BUFFER.saturating_sub(staged.len()) as u64).min(limit - read) as usize;
-        if room == 0 {
-            return TopUp {
-                read,
-                stop: Stop::Full,
-            };
-        }
-        let before = staged.len();
-        let stop = match upstream.conn.try_read_into(staged, room) {
-            Ok(Some(0)) => Stop::Closed,
-            Ok(Some(n)) => {
-                collect(&staged[before..]);
-                read += n as u64;
-                continue;
-            }
-            Ok(None) => Stop::Empty,
-            Err(_) => Stop::Failed,
-        };
-        return TopUp { read, stop };
-    }
-}
-
-/// The copy of a body kept for the cache, and the misses waiting for it.
-struct StoreCopy<'p, 'f> {
-    plan: &'p mut Option<StorePlan>,
-    flight: Option<&'f FlightGuard>,
-}
-
 /// A response body being copied for the cache while it streams to the client.
 pub struct StorePlan {
     pub headers: Vec<StoredHeader>,
@@ -739,21 +347,6 @@ pub struct StorePlan {
     /// Seconds old on arrival (its `Age`).
     pub age: u64,
     pub body: Vec<u8>,
-}
-
-enum BodyEnd {
-    Complete,
-    Failed(ErrorKind),
-}
-
-/// Reads more of a response body; `Some(kind)` when the backend failed mid-body.
-async fn refill(upstream: &mut Upstream) -> Option<ErrorKind> {
-    match upstream.conn.fill(crate::client::UPSTREAM_BUFFER).await {
-        Ok(0) => Some(ErrorKind::Reset),
-        Ok(_) => None,
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => Some(ErrorKind::Timeout),
-        Err(_) => Some(ErrorKind::Reset),
-    }
 }
 
 /// `101 Switching Protocols` to a WebSocket request: relay the head, then tunnel bytes.
@@ -792,28 +385,6 @@ async fn switch_protocols(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_early_answer_is_a_final_status_or_anything_that_is_not_a_status_line() {
-        let cases: [(&[u8], bool); 11] = [
-            (b"HTTP/1.1 413", true),
-            (b"HTTP/1.0 401 No", true),
-            (b"HTTP/1.1 200", true),
-            (b"junk", true),
-            (b"HTTP/2", true),
-            // Interim answers, and status lines too short to tell yet.
-            (b"HTTP/1.1 100 Continue", false),
-            (b"HTTP/1.1 103", false),
-            (b"HTTP/1.1 ", false),
-            (b"HTTP/1.", false),
-            (b"H", false),
-            (b"", false),
-        ];
-        for (bytes, expected) in cases {
-            let shown = String::from_utf8_lossy(bytes);
-            assert_eq!(starts_final_status(bytes), expected, "{shown:?}");
-        }
-    }
 
     #[test]
     fn only_a_body_that_would_be_spliced_after_a_small_head_read_predicts_a_large_next_one() {

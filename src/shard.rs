@@ -2,15 +2,12 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::future::Future;
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -27,7 +24,9 @@ use crate::client::Pool;
 use crate::config::Config;
 use crate::metrics::{BackendStats, ShardMetrics};
 use crate::proxy::CLIENT_BUFFER;
+use crate::signal::Signal;
 use crate::splice::PipePool;
+use crate::startup::{bind, bind_error, executor_error, Listener, StartupError};
 
 /// Warnings about running out of descriptors come at most this often per shard.
 const SHORTAGE_WARNING_PERIOD: Duration = Duration::from_secs(10);
@@ -76,155 +75,6 @@ impl ShardHandle {
             tx: self.tx.clone(),
             wake: self.wake.try_clone()?,
         })
-    }
-}
-
-/// Which of the process's listeners a startup error is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listener {
-    Http,
-    Admin,
-}
-
-/// Why a shard could not start; each message says what to do.
-#[derive(Debug)]
-pub enum StartupError {
-    PortInUse(SocketAddr, Listener),
-    Bind(SocketAddr, io::Error),
-    MemlockTooLow(u64),
-    IoUring(String),
-    Thread(io::Error),
-}
-
-impl std::fmt::Display for StartupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StartupError::PortInUse(addr, listener) => {
-                let (what, variable) = match listener {
-                    Listener::Http => ("", "HOST_PORT_HTTP_BALANCER"),
-                    Listener::Admin => (" (admin listener)", "ADMIN_PORT (or ADMIN_PORT=off)"),
-                };
-                write!(
-                    f,
-                    "cannot listen on {addr}{what}: the port is already in use by another program; stop it or choose another port with {variable} (BALANCER_REUSE_PORT=on shares a port only with another balancer that set it too, for a seamless restart)"
-                )
-            }
-            StartupError::Bind(addr, e) => match e.raw_os_error() {
-                Some(libc::EADDRNOTAVAIL) => write!(
-                    f,
-                    "cannot listen on {addr}: no network interface of this host has that address; set BALANCER_BIND to one of its addresses, or 0.0.0.0 for all of them"
-                ),
-                Some(libc::EACCES) => write!(
-                    f,
-                    "cannot listen on {addr}: ports below 1024 need root or CAP_NET_BIND_SERVICE (setcap cap_net_bind_service=+ep on the binary, or AmbientCapabilities=CAP_NET_BIND_SERVICE in the systemd unit); or choose a port from 1024 up"
-                ),
-                _ => write!(f, "cannot listen on {addr}: {e}"),
-            },
-            StartupError::MemlockTooLow(limit) => write!(
-                f,
-                "the memlock limit is too low ({limit} bytes; io_uring needs at least 524288): raise it with `ulimit -l 8192`, LimitMEMLOCK=8M in the systemd unit, or memlock in /etc/security/limits.conf"
-            ),
-            StartupError::IoUring(e) => write!(
-                f,
-                "io_uring is unavailable ({e}): run on Linux 5.13 or newer with io_uring enabled (sysctl kernel.io_uring_disabled=0) and not blocked by seccomp"
-            ),
-            StartupError::Thread(e) => write!(f, "cannot start a shard thread: {e}"),
-        }
-    }
-}
-
-/// One-shot broadcast inside a shard: shutdown wakes the accept loop and idle connections.
-/// Every keep-alive wait registers here, so waiters live in a slab (a slot index each, reused
-/// through a free list) rather than a hash map.
-#[derive(Default)]
-pub struct Signal {
-    fired: Cell<bool>,
-    waiters: RefCell<Vec<Option<Waker>>>,
-    free_slots: RefCell<Vec<usize>>,
-}
-
-impl Signal {
-    pub fn fire(&self) {
-        self.fired.set(true);
-        let wakers: Vec<Waker> = self
-            .waiters
-            .borrow_mut()
-            .iter_mut()
-            .filter_map(Option::take)
-            .collect();
-        for w in wakers {
-            w.wake();
-        }
-    }
-    pub fn is_fired(&self) -> bool {
-        self.fired.get()
-    }
-    /// A future that completes once the signal fires.
-    pub fn wait(&self) -> SignalWait<'_> {
-        SignalWait {
-            signal: self,
-            slot: None,
-        }
-    }
-
-    /// Runs `work` until it completes (`Some`) or the signal fires first (`None`).
-    pub async fn unless_fired<T>(&self, work: impl Future<Output = T>) -> Option<T> {
-        futures_lite::future::or(async { Some(work.await) }, async {
-            self.wait().await;
-            None
-        })
-        .await
-    }
-    /// Waiters currently registered.
-    #[cfg(test)]
-    fn waiting(&self) -> usize {
-        self.waiters.borrow().iter().filter(|w| w.is_some()).count()
-    }
-}
-
-pub struct SignalWait<'a> {
-    signal: &'a Signal,
-    slot: Option<usize>,
-}
-
-impl Future for SignalWait<'_> {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.signal.fired.get() {
-            return Poll::Ready(());
-        }
-        let mut waiters = self.signal.waiters.borrow_mut();
-        let slot = match self.slot {
-            Some(slot) => slot,
-            None => match self.signal.free_slots.borrow_mut().pop() {
-                Some(slot) => slot,
-                None => {
-                    waiters.push(None);
-                    waiters.len() - 1
-                }
-            },
-        };
-        match &mut waiters[slot] {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            entry => *entry = Some(cx.waker().clone()),
-        }
-        drop(waiters);
-        self.slot = Some(slot);
-        Poll::Pending
-    }
-}
-
-impl Drop for SignalWait<'_> {
-    fn drop(&mut self) {
-        if let Some(slot) = self.slot {
-            if let (Ok(mut waiters), Ok(mut free)) = (
-                self.signal.waiters.try_borrow_mut(),
-                self.signal.free_slots.try_borrow_mut(),
-            ) {
-                waiters[slot] = None;
-                free.push(slot);
-            }
-        }
     }
 }
 
@@ -456,86 +306,6 @@ pub fn start(
     }
 }
 
-/// The shard's listener: `SO_REUSEPORT` so every shard (and a successor process during a
-/// restart) shares the port, and `SO_REUSEADDR` so the sockets this process leaves in
-/// TIME_WAIT do not block whoever binds the port next.
-#[allow(unsafe_code)]
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    // Non-blocking: the (patched) glommio listener then accepts with one accept(2) per
-    // connection and polls only when the queue is empty.
-    socket.set_nonblocking(true)?;
-    // Accepted sockets inherit it, which saves a setsockopt(2) per connection.
-    socket.set_nodelay(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    // Accepted sockets also inherit delayed acknowledgements: the kernel then acknowledges
-    // a new connection's first request with the response instead of in a segment of its own
-    // (HAProxy's tcp-smart-accept); without a response within 40 ms it acknowledges anyway.
-    // After listen(2), which resets the acknowledgement state.
-    socket.set_quickack(false)?;
-    // SAFETY: `into_raw_fd` hands over sole ownership of a listening socket descriptor.
-    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
-}
-
-/// Fails with `PortInUse` when any other socket listens on `addr`, `SO_REUSEPORT` or not:
-/// the shards' own listeners share their port with whoever else set that option (a second
-/// balancer started by mistake would silently take a share of the traffic), so without
-/// `BALANCER_REUSE_PORT=on` the port is first bound alone, then released for them.
-pub fn ensure_port_free(addr: SocketAddr, listener: Listener) -> Result<(), StartupError> {
-    use socket2::{Domain, Socket, Type};
-    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)
-        .map_err(|e| StartupError::Bind(addr, e))?;
-    // As the real listeners: TIME_WAIT leftovers of an earlier process are no conflict.
-    probe
-        .set_reuse_address(true)
-        .map_err(|e| StartupError::Bind(addr, e))?;
-    probe
-        .bind(&addr.into())
-        .map_err(|e| bind_error(addr, listener, e))
-}
-
-pub fn bind_error(addr: SocketAddr, listener: Listener, e: io::Error) -> StartupError {
-    if e.kind() == io::ErrorKind::AddrInUse {
-        StartupError::PortInUse(addr, listener)
-    } else {
-        StartupError::Bind(addr, e)
-    }
-}
-
-/// Sets up (and closes) a one-entry io_uring. glommio panics, inside a lazily built probe of
-/// the kernel's operations, when the kernel refuses io_uring (no support, `sysctl
-/// kernel.io_uring_disabled`, a seccomp profile such as Docker's default), and the process
-/// would abort with that message; asked first, the refusal becomes `StartupError::IoUring`.
-#[allow(unsafe_code)]
-pub fn check_io_uring() -> Result<(), StartupError> {
-    // struct io_uring_params: 120 bytes the kernel reads and fills in; zero asks for defaults.
-    let mut params = [0u64; 15];
-    // SAFETY: io_uring_setup(2) reads and writes the 120 bytes of `params`, which outlive the
-    // call, and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        return Err(StartupError::IoUring(format!("io_uring_setup: {e}")));
-    }
-    // SAFETY: `fd` is the descriptor io_uring_setup just returned; nothing else holds it.
-    unsafe { libc::close(fd as libc::c_int) };
-    Ok(())
-}
-
-fn executor_error(e: glommio::GlommioError<()>) -> StartupError {
-    match e {
-        glommio::GlommioError::ReactorError(glommio::ReactorErrorKind::MemLockLimit(limit, _)) => {
-            StartupError::MemlockTooLow(limit)
-        }
-        other => StartupError::IoUring(other.to_string()),
-    }
-}
-
 async fn run(
     shard: Rc<Shard>,
     listener: TcpListener,
@@ -697,39 +467,6 @@ async fn purge_cache_periodically(shard: Rc<Shard>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
-
-    struct CountingWaker(AtomicUsize);
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn poll(wait: &mut SignalWait<'_>, waker: &Waker) -> Poll<()> {
-        Pin::new(wait).poll(&mut Context::from_waker(waker))
-    }
-
-    #[test]
-    fn fire_wakes_every_pending_waiter_once_and_later_waits_complete_at_once() {
-        let signal = Signal::default();
-        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
-        let waker = Waker::from(counter.clone());
-        let mut a = signal.wait();
-        let mut b = signal.wait();
-        assert!(poll(&mut a, &waker).is_pending());
-        assert!(poll(&mut b, &waker).is_pending());
-        assert!(
-            poll(&mut a, &waker).is_pending(),
-            "a re-poll keeps one registration"
-        );
-        assert_eq!(signal.waiting(), 2);
-        signal.fire();
-        assert_eq!(counter.0.load(Ordering::SeqCst), 2);
-        assert!(poll(&mut a, &waker).is_ready());
-        assert!(poll(&mut signal.wait(), &waker).is_ready());
-    }
 
     /// An executor as a shard builds one, on whatever CPU the test thread runs.
     fn unpinned_executor() -> glommio::LocalExecutor {
@@ -800,22 +537,5 @@ mod tests {
             });
         }
         assert_eq!(*logged.borrow(), [(0, 0), (10, 3), (25, 1)]);
-    }
-
-    #[test]
-    fn dropped_waiters_free_their_slot_for_the_next_one() {
-        let signal = Signal::default();
-        let waker = Waker::noop();
-        for _ in 0..1000 {
-            let mut w = signal.wait();
-            assert!(poll(&mut w, waker).is_pending());
-            assert_eq!(signal.waiting(), 1);
-        }
-        assert_eq!(signal.waiting(), 0);
-        assert_eq!(
-            signal.waiters.borrow().len(),
-            1,
-            "one slot, reused 1000 times"
-        );
     }
 }

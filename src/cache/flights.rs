@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::CacheKey;
-use crate::shard::Signal;
+use crate::signal::Signal;
 
 /// How many keys a shard remembers as pass; past it, new ones are not remembered (they only
 /// lose coalescing's queueing, never correctness).

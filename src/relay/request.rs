@@ -1,0 +1,171 @@
+//! The request body on its way to the backend, and what the backend says before it is all
+//! sent: `100 Continue`, other interim answers, or a final answer given early.
+
+use std::io;
+use std::time::Duration;
+
+use super::{read_response_head, relay_interim, relay_response, upstream_failure, Relayed};
+use crate::body::ChunkedDecoder;
+use crate::client::Upstream;
+use crate::exchange::{Exchange, Failure};
+use crate::http::{RequestFraming, ResponseHead};
+use crate::metrics::ErrorKind;
+use crate::shard::Shard;
+use crate::stream::Conn;
+
+/// Whether the backend has begun a final answer while the request body is still being sent.
+/// Costs a read only when its poll reported something; interim (1xx) answers do not count
+/// (they are relayed ahead of the final one).
+fn answered_early(upstream: &mut Upstream) -> bool {
+    if !upstream.conn.has_pending() {
+        match upstream.conn.take_reported_input() {
+            Ok(Some(n)) if n > 0 => {}
+            Ok(None) => return false,
+            // Closed or failed: reading the answer will tell what (if anything) came.
+            Ok(Some(_)) | Err(_) => return true,
+        }
+    }
+    starts_final_status(upstream.conn.pending())
+}
+
+/// Whether `bytes` begin a status line whose status is not 1xx ("HTTP/1.1 413"); anything
+/// that is not a status line counts too (reading it as the answer fails it as malformed).
+fn starts_final_status(bytes: &[u8]) -> bool {
+    const STATUS_AT: usize = b"HTTP/1.1 ".len();
+    match bytes.get(STATUS_AT) {
+        Some(b'1') => !bytes.starts_with(b"HTTP/1."),
+        Some(_) => true,
+        None => !b"HTTP/1.1 ".starts_with(bytes) && !b"HTTP/1.0 ".starts_with(bytes),
+    }
+}
+
+/// What the backend said to `Expect: 100-continue`.
+pub enum Continue {
+    SendBody,
+    Answered(Relayed),
+}
+
+/// Waits briefly for the backend's interim answer before the body is sent: `100 Continue`
+/// (relayed to the client, which then sends its body), a final answer (relayed; the body is
+/// never sent), or silence (send the body anyway).
+pub async fn await_continue(
+    ex: &Exchange<'_>,
+    client: &mut Conn,
+    upstream: &mut Upstream,
+    wait: Duration,
+) -> Result<Continue, Failure> {
+    let deadline = glommio::timer::now() + wait;
+    let mut resp = ResponseHead::default();
+    loop {
+        match read_response_head(upstream, ex.head.is_head, &mut resp, deadline).await {
+            Ok(()) => {}
+            Err(Failure::Upstream(e)) if e.kind == ErrorKind::Timeout => {
+                return Ok(Continue::SendBody)
+            }
+            Err(other) => return Err(other),
+        }
+        if !resp.interim {
+            let relayed = relay_response(ex, client, upstream, ex.head_timeout, false).await?;
+            return Ok(Continue::Answered(relayed));
+        }
+        let is_continue = resp.status == 100;
+        relay_interim(ex, client, upstream, &resp).await?;
+        if is_continue {
+            return Ok(Continue::SendBody);
+        }
+    }
+}
+
+/// How much of a streamed request body reached the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyForwarded {
+    Whole,
+    /// The backend answered before the body was all sent (RFC 9112 §9.5: a 413 or 401 while
+    /// the client is still uploading): the rest is not forwarded, the answer is relayed, and
+    /// neither connection carries another exchange.
+    AnsweredEarly,
+}
+
+/// Streams a request body that was not buffered from the client to the backend.
+pub async fn forward_body(
+    shard: &Shard,
+    client: &mut Conn,
+    upstream: &mut Upstream,
+    framing: RequestFraming,
+) -> Result<BodyForwarded, Failure> {
+    let mut remaining = match framing {
+        RequestFraming::Length(n) => n,
+        RequestFraming::Chunked => u64::MAX,
+        RequestFraming::None => return Ok(BodyForwarded::Whole),
+    };
+    let mut decoder = ChunkedDecoder::new();
+    client.set_read_timeout(Some(shard.config.client_idle_timeout));
+    loop {
+        if answered_early(upstream) {
+            return Ok(BodyForwarded::AnsweredEarly);
+        }
+        if client.has_pending() {
+            let take = match framing {
+                RequestFraming::Chunked => decoder
+                    .feed(client.pending(), |_| {})
+                    .map_err(|_| Failure::ClientStatus(400))?,
+                _ => client.pending().len().min(remaining as usize),
+            };
+            if let Err(e) = upstream.conn.write_all(&client.pending()[..take]).await {
+                // A backend that answered and closed without reading the rest (its close
+                // with unread bytes is a reset): the answer is still in the socket.
+                if matches!(upstream.conn.try_fill(), Ok(Some(n)) if n > 0) {
+                    return Ok(BodyForwarded::AnsweredEarly);
+                }
+                let kind = if e.kind() == io::ErrorKind::TimedOut {
+                    ErrorKind::Timeout
+                } else {
+                    ErrorKind::Reset
+                };
+                return Err(upstream_failure(kind, upstream, e));
+            }
+            client.consume(take);
+            if framing != RequestFraming::Chunked {
+                remaining -= take as u64;
+            }
+        }
+        let finished = match framing {
+            RequestFraming::Chunked => decoder.is_done(),
+            _ => remaining == 0,
+        };
+        if finished {
+            return Ok(BodyForwarded::Whole);
+        }
+        match client.fill(crate::http::MAX_HEAD_BYTES).await {
+            Ok(n) if n > 0 => {}
+            _ => return Err(Failure::Client),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_early_answer_is_a_final_status_or_anything_that_is_not_a_status_line() {
+        let cases: [(&[u8], bool); 11] = [
+            (b"HTTP/1.1 413", true),
+            (b"HTTP/1.0 401 No", true),
+            (b"HTTP/1.1 200", true),
+            (b"junk", true),
+            (b"HTTP/2", true),
+            // Interim answers, and status lines too short to tell yet.
+            (b"HTTP/1.1 100 Continue", false),
+            (b"HTTP/1.1 103", false),
+            (b"HTTP/1.1 ", false),
+            (b"HTTP/1.", false),
+            (b"H", false),
+            (b"", false),
+        ];
+        for (bytes, expected) in cases {
+            let shown = String::from_utf8_lossy(bytes);
+            assert_eq!(starts_final_status(bytes), expected, "{shown:?}");
+        }
+    }
+}
