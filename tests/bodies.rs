@@ -558,6 +558,30 @@ fn a_backend_answering_an_upload_early_is_relayed_at_once_and_not_counted_as_fai
     assert_eq!(resp.status, 413, "the backend still serves");
 }
 
+/// The client pauses mid-upload (a body sent in bursts, or a client that waits to see whether
+/// the server wants the rest): a backend's early answer must still reach it at once, not
+/// when the next burst comes or after CLIENT_IDLE_TIMEOUT (60 s here) with nothing at all.
+#[test]
+fn an_early_answer_reaches_a_client_that_paused_its_upload() {
+    let backend = early_answering_backend();
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    for sent in [0usize, 1000] {
+        let (mut writer, mut reader) = open(&balancer);
+        let head = "POST /then-read HTTP/1.1\r\nHost: test\r\nContent-Length: 1000000\r\n\r\n";
+        writer.write_all(head.as_bytes()).unwrap();
+        writer.write_all(&pattern(sent, 2)).unwrap();
+        // The client now waits (for at most the helpers' read timeout) with the body unsent.
+        let (status, headers) = read_head(&mut reader).expect("the early answer, while paused");
+        assert_eq!(status, 413, "after {sent} body bytes");
+        assert!(
+            headers
+                .iter()
+                .any(|(n, v)| n.eq_ignore_ascii_case("connection") && v == "close"),
+            "the rest of the body is not read: the connection closes ({headers:?})"
+        );
+    }
+}
+
 /// A backend that stops reading an upload and never answers: the upload cannot complete (its
 /// bytes fill both sockets' buffers), so the wait is bounded by REQUEST_TIMEOUT like any
 /// wait for an answer: a 504, and the request leaves `in_flight`.

@@ -100,6 +100,8 @@ pub async fn forward_body(
     };
     let mut decoder = ChunkedDecoder::new();
     client.set_read_timeout(Some(shard.config.client_idle_timeout));
+    // The client's read timeout bounds the wait for its body; the backend is only watched.
+    upstream.conn.set_read_timeout(None);
     loop {
         if answered_early(upstream) {
             return Ok(BodyForwarded::AnsweredEarly);
@@ -136,9 +138,22 @@ pub async fn forward_body(
         if finished {
             return Ok(BodyForwarded::Whole);
         }
-        match client.fill(crate::http::MAX_HEAD_BYTES).await {
-            Ok(n) if n > 0 => {}
-            _ => return Err(Failure::Client),
+        // While the client's next bytes are awaited, the backend may answer (it need not wait
+        // for a body it refuses, and the client may be waiting for that answer before it
+        // sends more): whichever comes first. The top of the loop tells an answer from an
+        // interim one; the backend's read is cancelled harmlessly, as it reads nothing.
+        let waited = futures_lite::future::or(
+            async { Some(client.fill(crate::http::MAX_HEAD_BYTES).await) },
+            async {
+                let _ = upstream.conn.readable().await;
+                None
+            },
+        )
+        .await;
+        match waited {
+            None => {}
+            Some(Ok(n)) if n > 0 => {}
+            Some(_) => return Err(Failure::Client),
         }
     }
 }
