@@ -167,7 +167,18 @@ pub async fn relay_response(
     let mut resp = std::mem::take(&mut upstream.response_head);
     let mut interim_relayed = false;
     loop {
-        read_response_head(upstream, head.is_head, &mut resp, deadline).await?;
+        read_response_head(upstream, head.is_head, &mut resp, deadline)
+            .await
+            .map_err(|failure| match failure {
+                // The client has an interim answer from this backend: the exchange began, and
+                // a retry would have the backend do the work twice and the client see the
+                // interim answer twice.
+                Failure::Upstream(mut e) if interim_relayed => {
+                    e.response_started = true;
+                    Failure::Upstream(e)
+                }
+                other => other,
+            })?;
         if !resp.interim {
             break;
         }

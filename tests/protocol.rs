@@ -201,6 +201,46 @@ fn early_hints_reach_the_client_before_the_final_response() {
     assert_eq!(resp.text(), "final");
 }
 
+/// A backend that sends an interim answer and then closes has begun answering: the request
+/// is not sent again (not even on a fresh connection after a pooled one), and the client
+/// sees the interim answer once, then 502.
+#[test]
+fn a_backend_closing_after_an_interim_answer_is_not_retried() {
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    let backend = RawBackend::start(Arc::new(move |conn: TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        while let Some((_, path, _)) = read_request(&mut reader) {
+            log.lock().unwrap().push(path.clone());
+            if path == "/hint-then-close" {
+                let _ = writer.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n");
+                return;
+            }
+            if writer.write_all(&ok(b"pooled")).is_err() {
+                return;
+            }
+        }
+    }));
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    let (mut writer, mut reader) = client(&balancer);
+    // The first request leaves a pooled connection behind for the second.
+    writer
+        .write_all(b"GET /first HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let first = read_response(&mut reader, false).expect("first response");
+    assert_eq!(first.text(), "pooled");
+    writer
+        .write_all(b"GET /hint-then-close HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let (status, _) = read_head(&mut reader).expect("the interim answer");
+    assert_eq!(status, 103);
+    let (status, _) = read_head(&mut reader).expect("the final answer");
+    assert_eq!(status, 502, "one interim answer, then 502");
+    let paths = seen.lock().unwrap().clone();
+    assert_eq!(paths, ["/first", "/hint-then-close"], "sent once");
+}
+
 /// Sends `first` and then a plain GET on one connection; returns both responses. The second
 /// one proves that no stray body bytes followed the first.
 fn two_on_one_connection(
