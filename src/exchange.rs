@@ -37,7 +37,8 @@ pub enum Failure {
     Upstream(UpstreamError),
     /// The client went away: close.
     Client,
-    /// The client broke the request body's framing: answer with this status and close.
+    /// An answer of the balancer's own with this status, then close: the client broke its
+    /// request body's framing, or the response cannot be delivered to it as it is.
     ClientStatus(u16),
 }
 

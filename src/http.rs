@@ -199,6 +199,9 @@ pub struct ResponseHead {
     pub interim: bool,
     /// 101 Switching Protocols: the connection becomes a tunnel.
     pub upgraded: bool,
+    /// The body has a transfer coding other than chunked (`gzip, chunked`), which the balancer
+    /// cannot remove: it can reach only an HTTP/1.1 client, with its Transfer-Encoding.
+    pub transfer_coded: bool,
 }
 
 /// How `write_response_head` adapts a backend response for the client.

@@ -211,6 +211,15 @@ pub async fn relay_response(
         }
         return Ok(switch_protocols(ex, client, upstream, &resp).await);
     }
+    if resp.transfer_coded
+        && head.version == Version::Http10
+        && resp.framing != ResponseFraming::None
+    {
+        // Only chunked can be taken off for an HTTP/1.0 client (which must get no
+        // Transfer-Encoding); a body still gzip-coded would reach it as if it were plain.
+        end_flight_unstored(ex.flight);
+        return Err(Failure::ClientStatus(502));
+    }
 
     let dechunk = head.version == Version::Http10 && resp.framing == ResponseFraming::Chunked;
     let keep_alive = head.keep_alive

@@ -427,6 +427,38 @@ fn chunked_trailers_are_dropped_for_an_http10_client() {
     );
 }
 
+/// A body with a transfer coding besides chunked (`gzip, chunked`) reaches an HTTP/1.1 client
+/// with its Transfer-Encoding; an HTTP/1.0 client, which must get no Transfer-Encoding, gets
+/// 502 rather than gzip bytes presented as plain content; and it is never cached, since a hit
+/// would present them so too.
+#[test]
+fn a_gzip_transfer_coded_body_is_never_presented_as_plain() {
+    let backend = Backend::start(Arc::new(|_seen: &Seen| {
+        Reply::Bytes(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/css\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n"
+                .to_vec(),
+        )
+    }));
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    for _ in 0..2 {
+        let (mut writer, mut reader) = client(&balancer);
+        writer
+            .write_all(b"GET /site.css HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let raw = read_to_eof(&mut reader);
+        let (head, _) = split_response(&raw);
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains("transfer-encoding: gzip, chunked"), "{head}");
+        assert!(lower.contains("x-cache: miss"), "never stored: {head}");
+    }
+    let (mut writer, mut reader) = client(&balancer);
+    writer
+        .write_all(b"GET /site.css HTTP/1.0\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let (status, _) = read_head(&mut reader).expect("an answer");
+    assert_eq!(status, 502);
+}
+
 #[test]
 fn options_asterisk_is_forwarded_and_answered() {
     let backend = Backend::start(Arc::new(|_seen: &Seen| {

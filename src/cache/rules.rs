@@ -97,11 +97,25 @@ pub fn storability(
                 } else if directive.eq_ignore_ascii_case(b"no-cache") {
                     return Storability::Skip("cache-control no-cache");
                 } else if directive.eq_ignore_ascii_case(b"s-maxage") {
-                    s_maxage = s_maxage.or_else(|| argument.and_then(delta_seconds));
+                    match argument.and_then(delta_seconds) {
+                        Some(seconds) => s_maxage = s_maxage.or(Some(seconds)),
+                        // RFC 9111 §4.2.1: invalid freshness information counts as stale
+                        // (max-age=-1 means "do not keep this", not "use the default").
+                        None => return Storability::Skip("s-maxage is not delta-seconds"),
+                    }
                 } else if directive.eq_ignore_ascii_case(b"max-age") {
-                    max_age = max_age.or_else(|| argument.and_then(delta_seconds));
+                    match argument.and_then(delta_seconds) {
+                        Some(seconds) => max_age = max_age.or(Some(seconds)),
+                        None => return Storability::Skip("max-age is not delta-seconds"),
+                    }
                 }
             }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            && list_elements(value).any(|coding| !coding.eq_ignore_ascii_case(b"chunked"))
+        {
+            // The stored body has its chunked framing removed but would keep any other coding
+            // (gzip) while hits carry no Transfer-Encoding to say so.
+            return Storability::Skip("transfer coding other than chunked");
         }
     }
     let lifetime = s_maxage
@@ -312,12 +326,15 @@ mod tests {
             (200, &[("Cache-Control", "s-maxage=10, max-age=300")], Some(1), store(10, false)),
             (200, &[("Cache-Control", "max-age=300"), ("Cache-Control", "S-MAXAGE=10")], Some(1), store(10, false)),
             (200, &[("Cache-Control", "max-age=300, max-age=5")], Some(1), store(300, false)),
-            (200, &[("Cache-Control", "max-age=abc")], Some(1), store(60, false)),
-            (200, &[("Cache-Control", "max-age=-1")], Some(1), store(60, false)),
-            (200, &[("Cache-Control", "max-age=")], Some(1), store(60, false)),
-            (200, &[("Cache-Control", "max-age")], Some(1), store(60, false)),
-            (200, &[("Cache-Control", "max-age=abc, max-age=7")], Some(1), store(7, false)),
-            (200, &[("Cache-Control", "s-maxage=x, max-age=7")], Some(1), store(7, false)),
+            (200, &[("Cache-Control", "max-age=abc")], Some(1), skip("max-age is not delta-seconds")),
+            (200, &[("Cache-Control", "max-age=-1")], Some(1), skip("max-age is not delta-seconds")),
+            (200, &[("Cache-Control", "max-age=")], Some(1), skip("max-age is not delta-seconds")),
+            (200, &[("Cache-Control", "max-age")], Some(1), skip("max-age is not delta-seconds")),
+            (200, &[("Cache-Control", "max-age=abc, max-age=7")], Some(1), skip("max-age is not delta-seconds")),
+            (200, &[("Cache-Control", "s-maxage=x, max-age=7")], Some(1), skip("s-maxage is not delta-seconds")),
+            (200, &[("Transfer-Encoding", "chunked")], None, store(60, false)),
+            (200, &[("Transfer-Encoding", "gzip, chunked")], None, skip("transfer coding other than chunked")),
+            (200, &[("Transfer-Encoding", "gzip")], None, skip("transfer coding other than chunked")),
             (200, &[("Cache-Control", "max-age=99999999999999999999999")], Some(1), store(1 << 31, false)),
             (200, &[("Cache-Control", "max-age=0")], Some(1), skip("lifetime is 0")),
             (200, &[("Cache-Control", "s-maxage=0, max-age=60")], Some(1), skip("lifetime is 0")),

@@ -420,8 +420,9 @@ pub fn parse_response(
     let (Some(minor), Some(status)) = (res.version, res.code) else {
         return Err(HttpError::BadResponse("invalid status line"));
     };
-    if status < 100 {
-        return Err(HttpError::BadResponse("status code under 100"));
+    // RFC 9110 §15: status codes are 100-599; httparse takes any three digits.
+    if !(100..=599).contains(&status) {
+        return Err(HttpError::BadResponse("status code outside 100-599"));
     }
     head.status = status;
     head.reason = res.reason.map_or(0..0, |r| range_of(buf, r.as_bytes()));
@@ -446,6 +447,7 @@ pub fn parse_response(
             return Err(HttpError::BadResponse("chunked applied more than once"));
         }
     }
+    head.transfer_coded = fields.te.is_some_and(|te| te.codings > te.chunked);
     let bodiless = request_was_head || status < 200 || status == 204 || status == 304;
     head.framing = match (fields.te, fields.content_length) {
         _ if bodiless => ResponseFraming::None,
@@ -1055,7 +1057,9 @@ mod tests {
             ("HTTP/1.1 200 OK\r\nX\"y: a\r\n\r\n", "invalid header name"),
             ("HTTP/1.1 200 OK\r\nX: a\0\r\n\r\n", "invalid header value"),
             ("HTTP/1.1 2x0 OK\r\n\r\n", "invalid status line"),
-            ("HTTP/1.1 099 Low\r\n\r\n", "status code under 100"),
+            ("HTTP/1.1 099 Low\r\n\r\n", "status code outside 100-599"),
+            ("HTTP/1.1 600 High\r\n\r\n", "status code outside 100-599"),
+            ("HTTP/1.1 999 High\r\n\r\n", "status code outside 100-599"),
             ("HTTP/2.0 200 OK\r\n\r\n", "invalid http version"),
             ("ICY 200 OK\r\n\r\n", "invalid http version"),
             (&many, "over 200 header fields"),
