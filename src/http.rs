@@ -88,6 +88,9 @@ pub enum HttpError {
     MethodNotAllowed,
     /// 505: a request line with a version other than 1.0 or 1.1.
     VersionNotSupported,
+    /// 501: a request body with a transfer coding other than chunked (RFC 9112 §6.1), which
+    /// the balancer does not decode and will not pass on for a backend to read differently.
+    NotImplemented(&'static str),
     /// 408: the head was not complete in time; raised by the caller, which owns the clock.
     RequestTimeout,
     /// 502: a malformed backend response; the reason names the rule.
@@ -103,6 +106,7 @@ impl HttpError {
             HttpError::UriTooLong => 414,
             HttpError::MethodNotAllowed => 405,
             HttpError::VersionNotSupported => 505,
+            HttpError::NotImplemented(_) => 501,
             HttpError::RequestTimeout => 408,
             HttpError::BadResponse(_) => 502,
         }
@@ -129,6 +133,7 @@ impl fmt::Display for HttpError {
             }
             HttpError::MethodNotAllowed => write!(f, "method not allowed: connect"),
             HttpError::VersionNotSupported => write!(f, "http version not supported"),
+            HttpError::NotImplemented(why) => write!(f, "not implemented: {why}"),
             HttpError::RequestTimeout => {
                 write!(
                     f,

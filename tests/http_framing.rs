@@ -454,6 +454,43 @@ fn transfer_encoding_whose_last_coding_is_not_chunked_gets_400_and_close() {
     assert_eq!(backend.requests(), 0);
 }
 
+/// Codings besides chunked are not passed on (a backend reading only one of several
+/// Transfer-Encoding lines would frame the body differently, and a request hidden in it
+/// would reach the backend unseen): 501 and close. Chunked alone, however spelled, reaches
+/// the backend as one `Transfer-Encoding: chunked` line.
+#[test]
+fn transfer_codings_besides_chunked_get_501_and_chunked_is_forwarded_in_one_line() {
+    let (backend, balancer) = proxy(Arc::new(|seen: &Seen| {
+        let te: Vec<&str> = seen
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        Reply::Bytes(ok(format!("{te:?} {}", seen.body_len).as_bytes()))
+    }));
+    let smuggling = "1f\r\nGET /smug HTTP/1.1\r\nHost: a\r\n\r\n\r\n0\r\n\r\n";
+    for codings in [
+        "identity\r\nTransfer-Encoding: chunked",
+        "gzip, chunked",
+        "xyz\r\nTransfer-Encoding: chunked",
+    ] {
+        let raw = format!(
+            "POST /te HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: {codings}\r\n\r\n{smuggling}"
+        );
+        assert_rejected_and_closed(&balancer, &raw, 501);
+    }
+    assert_eq!(backend.requests(), 0);
+    for spelled in ["chunked,", ", chunked", "\r\nTransfer-Encoding: chunked"] {
+        let raw = format!(
+            "POST /te HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: {spelled}\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        );
+        let resp = request(balancer.addr, &raw);
+        assert_eq!(resp.status, 200, "{spelled:?}");
+        assert_eq!(resp.text(), "[\"chunked\"] 3", "{spelled:?}");
+    }
+}
+
 #[test]
 fn an_invalid_content_length_gets_400_and_close() {
     let (backend, balancer) = proxy(echo_target());

@@ -85,6 +85,13 @@ fn decide_request(buf: &[u8], head: &mut RequestHead) -> Result<bool, HttpError>
         (None, Some(te)) if !te.last_chunked => {
             return Err(bad("transfer-encoding does not end in chunked"))
         }
+        // As NGINX: only chunked alone. Another coding before it (gzip, or identity, which is
+        // no coding any more) is passed on by no proxy the same way to every backend.
+        (None, Some(te)) if te.codings > 1 => {
+            return Err(HttpError::NotImplemented(
+                "transfer coding other than chunked",
+            ))
+        }
         (None, Some(_)) => RequestFraming::Chunked,
         (Some(n), None) => RequestFraming::Length(n),
         (None, None) => RequestFraming::None,
@@ -520,8 +527,8 @@ mod tests {
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n", Length(u64::MAX)),
             ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", Chunked),
             ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: CHUNKED\r\n\r\n", Chunked),
-            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Chunked),
-            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n", Chunked),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n\r\n", Chunked),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\nTransfer-Encoding: chunked\r\n\r\n", Chunked),
             ("POST / HTTP/1.0\r\nContent-Length: 3\r\n\r\n", Length(3)),
         ];
         for (raw, framing) in cases {
@@ -560,6 +567,9 @@ mod tests {
             ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", BadRequest("chunked applied more than once")),
             ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", BadRequest("chunked applied more than once")),
             ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n", BadRequest("empty transfer-encoding")),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", NotImplemented("transfer coding other than chunked")),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n", NotImplemented("transfer coding other than chunked")),
+            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xyz, chunked\r\n\r\n", NotImplemented("transfer coding other than chunked")),
             ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", BadRequest("transfer-encoding in an http/1.0 request")),
             ("GET / HTTP/1.1\r\nHost: a\r\nX-Long: one\r\n two\r\n\r\n", BadRequest("obsolete line folding")),
             ("GET / HTTP/1.1\r\nHost: a\r\nX-Long: one\r\n\ttwo\r\n\r\n", BadRequest("obsolete line folding")),
@@ -626,15 +636,34 @@ mod tests {
                 "chunked;x=1, chunked",
                 Err(bad("chunked applied more than once")),
             ),
-            ("gzip;q=\"a,b\", chunked", Ok(Chunked)),
-            ("gzip;q=\"a\\\"b\" , ,chunked", Ok(Chunked)),
-            ("gzip ; q = 1,chunked", Ok(Chunked)),
+            // Well-formed, but a coding besides chunked: 501 (RFC 9112 §6.1).
+            (
+                "gzip;q=\"a,b\", chunked",
+                Err(HttpError::NotImplemented(
+                    "transfer coding other than chunked",
+                )),
+            ),
+            (
+                "gzip;q=\"a\\\"b\" , ,chunked",
+                Err(HttpError::NotImplemented(
+                    "transfer coding other than chunked",
+                )),
+            ),
+            (
+                "gzip ; q = 1,chunked",
+                Err(HttpError::NotImplemented(
+                    "transfer coding other than chunked",
+                )),
+            ),
             // Found by fuzzing (framing_diff): an empty line beside chunked adds nothing.
             ("chunked\r\nTransfer-Encoding:", Ok(Chunked)),
             (
                 "gzip\r\nTransfer-Encoding: , \r\nTransfer-Encoding: chunked",
-                Ok(Chunked),
+                Err(HttpError::NotImplemented(
+                    "transfer coding other than chunked",
+                )),
             ),
+            (", \r\nTransfer-Encoding: chunked ,", Ok(Chunked)),
             ("\r\nTransfer-Encoding: chunked", Ok(Chunked)),
             (" , ", Err(bad("empty transfer-encoding"))),
             (

@@ -121,9 +121,10 @@ fn put_status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
 /// Host when the client sent none); hop-by-hop fields and those Connection names dropped,
 /// except that a websocket upgrade gets `Upgrade: websocket` and `Connection: upgrade`;
 /// one normalized Content-Length; `X-Forwarded-For` extended with `client_ip`;
-/// `X-Forwarded-Proto: http`; Expect kept except from an HTTP/1.0 client. The fields the
-/// proxy itself defines (Host, Content-Length, Transfer-Encoding, Expect, X-Forwarded-*)
-/// cannot be removed by naming them in Connection.
+/// `X-Forwarded-Proto: http`; Expect kept except from an HTTP/1.0 client; one
+/// `Transfer-Encoding: chunked` line for a chunked body. The fields the proxy itself defines
+/// (Host, Content-Length, Transfer-Encoding, Expect, X-Forwarded-*) cannot be removed by
+/// naming them in Connection, but a client's own `X-Forwarded-For` so named is dropped.
 pub fn write_forward_request(head: &RequestHead, buf: &[u8], client_ip: IpAddr, out: &mut Vec<u8>) {
     out.extend_from_slice(head.method(buf));
     out.push(b' ');
@@ -144,12 +145,13 @@ pub fn write_forward_request(head: &RequestHead, buf: &[u8], client_ip: IpAddr, 
         match h.field {
             // An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1).
             Field::Expect if head.version == Version::Http10 => continue,
-            // An empty line adds no coding; a backend that reads only the last
-            // Transfer-Encoding line must not see it.
-            Field::TransferEncoding if list(&buf[h.value.clone()]).next().is_none() => continue,
-            Field::TransferEncoding | Field::Expect => {}
+            // Written below as one canonical line: the request passed parsing with chunked as
+            // its only coding, however the client spread it over lines and empty elements.
+            Field::TransferEncoding => continue,
+            Field::Expect => {}
             Field::XForwardedFor => {
-                has_xff = true;
+                // Named in Connection, the client's value goes like any field so named.
+                has_xff = !(check_named && named_by_connection(&head.headers, buf, name));
                 continue;
             }
             Field::Host | Field::ContentLength | Field::XForwardedProto => continue,
@@ -160,10 +162,14 @@ pub fn write_forward_request(head: &RequestHead, buf: &[u8], client_ip: IpAddr, 
         lines.push(out, buf, h);
     }
     lines.flush(out, buf);
-    if let RequestFraming::Length(n) = head.framing {
-        out.extend_from_slice(b"Content-Length: ");
-        put_u64(out, n);
-        out.extend_from_slice(b"\r\n");
+    match head.framing {
+        RequestFraming::Length(n) => {
+            out.extend_from_slice(b"Content-Length: ");
+            put_u64(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        RequestFraming::None => {}
     }
     if head.websocket_upgrade {
         out.extend_from_slice(b"Upgrade: websocket\r\nConnection: upgrade\r\n");
@@ -549,10 +555,13 @@ mod tests {
             "Host: a\r\n",
             "Content-Length: 2\r\n",
             "Expect: 100-continue\r\n",
-            "X-Forwarded-For: 9.9.9.9, 10.1.2.3\r\n",
         ] {
             assert!(out.contains(kept), "{kept:?} missing from {out:?}");
         }
+        // The client's own X-Forwarded-For, named in Connection, goes like any field so named;
+        // the balancer's is still added.
+        assert!(out.contains("X-Forwarded-For: 10.1.2.3\r\n"), "{out:?}");
+        assert!(!out.contains("9.9.9.9"), "{out:?}");
     }
 
     #[test]
@@ -564,13 +573,25 @@ mod tests {
         );
         assert!(ws.contains("Sec-WebSocket-Key: k\r\n"));
         assert_eq!(ws.to_ascii_lowercase().matches("upgrade:").count(), 1);
-        let chunked =
-            forward("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
-        assert!(
-            chunked.contains("Transfer-Encoding: gzip, chunked\r\n"),
-            "{chunked:?}"
-        );
-        assert!(!chunked.contains("Content-Length"));
+        for spelled in [
+            "Transfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: CHUNKED\r\n",
+            "Transfer-Encoding: chunked,\r\n",
+            "Transfer-Encoding: , chunked\r\n",
+            "Transfer-Encoding: \r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            let chunked = forward(&format!("POST / HTTP/1.1\r\nHost: a\r\n{spelled}\r\n"));
+            assert_eq!(
+                chunked.matches("Transfer-Encoding").count(),
+                1,
+                "{spelled:?}: {chunked:?}"
+            );
+            assert!(
+                chunked.contains("\r\nTransfer-Encoding: chunked\r\n"),
+                "{spelled:?}: {chunked:?}"
+            );
+            assert!(!chunked.contains("Content-Length"));
+        }
     }
 
     #[test]
@@ -782,7 +803,7 @@ mod tests {
 
     #[test]
     fn reason_phrases_cover_the_balancers_own_answers() {
-        for status in [400, 405, 408, 413, 414, 431, 500, 502, 503, 504, 505] {
+        for status in [400, 405, 408, 413, 414, 431, 500, 501, 502, 503, 504, 505] {
             assert!(!reason_phrase(status).is_empty(), "{status}");
         }
         assert_eq!(reason_phrase(999), "");
