@@ -88,7 +88,17 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr
         };
         match next {
             Next::KeepAlive if !shard.shutdown.is_fired() => continue,
-            Next::KeepAlive | Next::Close => break,
+            Next::KeepAlive | Next::Close => {
+                // Bytes the client sent after this request (pipelined behind a
+                // `Connection: close`) and left unread would make the close a reset, which can
+                // destroy the response on its way: close in stages then (RFC 9112 §9.6). No
+                // system call when the read poll reported nothing.
+                client.clear();
+                if client.arrived_while_idle() {
+                    linger(&mut client).await;
+                }
+                break;
+            }
             Next::Linger => {
                 linger(&mut client).await;
                 break;

@@ -491,6 +491,29 @@ fn transfer_codings_besides_chunked_get_501_and_chunked_is_forwarded_in_one_line
     }
 }
 
+/// A client that pipelines more than the balancer reads behind a `Connection: close` request
+/// (RFC 9112 §9.6 says it should not, but clients do) still gets the response: the close
+/// does not turn into a reset that destroys it on its way.
+#[test]
+fn a_response_before_a_close_survives_bytes_the_client_sent_after_it() {
+    let (_backend, balancer) = proxy(echo_target());
+    for first in [
+        "GET /a HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+        "GET /a HTTP/1.0\r\n\r\n",
+    ] {
+        let (mut writer, mut reader) = open(&balancer);
+        let mut raw = first.as_bytes().to_vec();
+        raw.extend_from_slice(b"GET /b HTTP/1.1\r\nHost: test\r\nX-Pad: ");
+        raw.extend_from_slice(&vec![b'p'; 48 * 1024]);
+        raw.extend_from_slice(b"\r\n\r\n");
+        writer.write_all(&raw).unwrap();
+        let resp = next_response(&mut reader, first);
+        assert_eq!(resp.status, 200, "{first:?}");
+        assert_eq!(resp.text(), "/a", "{first:?}");
+        assert_closed(&mut reader, first);
+    }
+}
+
 #[test]
 fn an_invalid_content_length_gets_400_and_close() {
     let (backend, balancer) = proxy(echo_target());
