@@ -303,7 +303,8 @@ async fn handle_request(
     write_forward_request(head, client.pending(), client_ip, &mut request);
     let plan = match head.framing {
         RequestFraming::None => BodyPlan::Buffered,
-        RequestFraming::Length(n) if n <= REPLAYABLE_BODY && !head.expect_continue => {
+        // An empty body is complete already: nothing waits for `100 Continue`.
+        RequestFraming::Length(n) if n <= REPLAYABLE_BODY && (!head.expect_continue || n == 0) => {
             match read_body_whole(shard, client, head.head_len, n as usize).await {
                 Ok(()) => {
                     let body = &client.pending()[head.head_len..head.head_len + n as usize];

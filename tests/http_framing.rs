@@ -514,6 +514,27 @@ fn a_response_before_a_close_survives_bytes_the_client_sent_after_it() {
     }
 }
 
+/// `Expect: 100-continue` on an empty body: the body is complete with the head, so the
+/// answer keeps the connection like any other, and a request pipelined behind it is served.
+#[test]
+fn expect_continue_with_an_empty_body_keeps_the_connection() {
+    let (backend, balancer) = proxy(echo_target());
+    let (mut writer, mut reader) = open(&balancer);
+    writer
+        .write_all(
+            b"POST /first HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n\
+              GET /second HTTP/1.1\r\nHost: test\r\n\r\n",
+        )
+        .unwrap();
+    let first = next_response(&mut reader, "the empty POST");
+    assert_eq!(first.status, 200);
+    assert_eq!(first.text(), "/first");
+    assert_ne!(first.header("connection"), Some("close"), "{first:?}");
+    let second = next_response(&mut reader, "the pipelined GET");
+    assert_eq!(second.text(), "/second");
+    assert_eq!(backend.requests(), 2);
+}
+
 #[test]
 fn an_invalid_content_length_gets_400_and_close() {
     let (backend, balancer) = proxy(echo_target());
