@@ -47,6 +47,14 @@ enum State {
     SizeWs { size: u64, line: usize },
     /// Skipping chunk extensions up to CR.
     Ext { size: u64, line: usize },
+    /// Inside a quoted extension value (`escaped`: after a backslash), which must close
+    /// before the line ends: a backend reading it as going on past the CRLF would take the
+    /// chunk's data for more extension.
+    ExtQuoted {
+        size: u64,
+        line: usize,
+        escaped: bool,
+    },
     /// Size line's CR seen; LF must follow.
     SizeLf { size: u64 },
     /// Inside chunk data.
@@ -179,10 +187,32 @@ fn step(state: State, b: u8, trailer_bytes: &mut usize) -> Result<State, BodyErr
         },
         State::Ext { size, line } => match b {
             b'\r' => State::SizeLf { size },
-            b'\n' | 0 => return Err(BodyError::BadChunkSize),
+            b'"' => State::ExtQuoted {
+                size,
+                line: bounded(line)?,
+                escaped: false,
+            },
+            // Control characters other than HTAB have no place in an extension (RFC 9112 §7.1.1).
+            _ if is_ctl(b) => return Err(BodyError::BadChunkSize),
             _ => State::Ext {
                 size,
                 line: bounded(line)?,
+            },
+        },
+        State::ExtQuoted {
+            size,
+            line,
+            escaped,
+        } => match b {
+            _ if is_ctl(b) => return Err(BodyError::BadChunkSize),
+            b'"' if !escaped => State::Ext {
+                size,
+                line: bounded(line)?,
+            },
+            _ => State::ExtQuoted {
+                size,
+                line: bounded(line)?,
+                escaped: !escaped && b == b'\\',
             },
         },
         State::SizeLf { size } => match (b, size) {
@@ -214,6 +244,11 @@ fn step_trailer(state: State, b: u8, trailer_bytes: &mut usize) -> Result<State,
         State::EndLf => return Err(BodyError::BadChunkTerminator),
         _ => return Err(BodyError::BadTrailer),
     })
+}
+
+/// A control character other than HTAB (CR and LF included).
+fn is_ctl(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
 }
 
 fn bounded(line: usize) -> Result<usize, BodyError> {
@@ -314,6 +349,8 @@ mod tests {
             (b"0005\r\nhello\r\n000\r\n\r\n", b"hello"),
             (b"5;name=value\r\nhello\r\n0;last\r\n\r\n", b"hello"),
             (b"5 ;a=\"b;c\"\r\nhello\r\n0\r\n\r\n", b"hello"),
+            (b"5;a=\"q\\\"uote\\\\\";b\r\nhello\r\n0\r\n\r\n", b"hello"),
+            (b"5;a=\"\t\"\r\nhello\r\n0\r\n\r\n", b"hello"),
             (b"5\t \r\nhello\r\n0\r\n\r\n", b"hello"),
             (
                 b"5\r\nhello\r\n0\r\nExpires: never\r\nX-Sum: abc\r\n\r\n",
@@ -346,6 +383,13 @@ mod tests {
             (b"5\nhello\r\n0\r\n\r\n", BodyError::BadChunkSize),
             (b"5\rxhello\r\n", BodyError::BadChunkSize),
             (b"5;a\nhello\r\n", BodyError::BadChunkSize),
+            (b"5;a\x01\r\nhello\r\n", BodyError::BadChunkSize),
+            (b"5;a\x7f\r\nhello\r\n", BodyError::BadChunkSize),
+            // A quoted value must close on its line (a backend reading it on past the CRLF
+            // would take the data for extension).
+            (b"5;x=\"open\r\nhello\r\n", BodyError::BadChunkSize),
+            (b"5;x=\"esc\\\"\r\nhello\r\n", BodyError::BadChunkSize),
+            (b"5;x=\"a\x01\"\r\nhello\r\n", BodyError::BadChunkSize),
             (b"10000000000000000\r\n", BodyError::BadChunkSize),
             (b"5\r\nhelloX\r\n0\r\n\r\n", BodyError::BadChunkTerminator),
             (b"5\r\nhello\n0\r\n\r\n", BodyError::BadChunkTerminator),
