@@ -149,8 +149,7 @@ impl Exchange<'_> {
                     crate::relay::Continue::Answered(relayed) => return Ok(relayed),
                 }
             }
-            let forwarded =
-                crate::relay::forward_body(self.shard, client, upstream, framing).await?;
+            let forwarded = crate::relay::forward_body(self, client, upstream, framing).await?;
             body_sent = forwarded == crate::relay::BodyForwarded::Whole;
         }
         relay_response(self, client, upstream, timeout, body_sent).await

@@ -76,6 +76,11 @@ impl Conn {
         &self.buf[self.start..self.end]
     }
 
+    /// Whether the buffer holds unconsumed bytes up to its end, with no room for more.
+    pub fn is_full(&self) -> bool {
+        self.start == 0 && self.end == self.buf.len()
+    }
+
     pub fn has_pending(&self) -> bool {
         self.start < self.end
     }

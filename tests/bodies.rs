@@ -582,6 +582,138 @@ fn an_early_answer_reaches_a_client_that_paused_its_upload() {
     }
 }
 
+/// Interim answers during an upload (a `100 Continue` nobody asked for, `103 Early Hints`)
+/// are relayed as they come and do not stop the upload: a backend that reads the whole body
+/// gets all of it and its final answer arrives behind them; one that sends `100` and `413` in
+/// one write and stops reading has its `413` relayed at once (not a 504 after
+/// REQUEST_TIMEOUT counted against it).
+#[test]
+fn interim_answers_during_an_upload_are_relayed_and_the_upload_goes_on() {
+    const UPLOAD: usize = 2_000_000;
+    let backend = RawBackend::start(Arc::new(|conn: TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        let Some((_, path, _)) = read_request(&mut reader) else {
+            return;
+        };
+        if path == "/refuse" {
+            let _ = writer.write_all(
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Nope\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno",
+            );
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            return;
+        }
+        let _ = writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        // The raw body: 40 chunks of 50,000 bytes ("c350\r\n" ... "\r\n") and the last one.
+        let raw = if path == "/chunked" {
+            UPLOAD + 40 * 8 + 5
+        } else {
+            UPLOAD
+        };
+        let mut got = 0usize;
+        let mut hinted = false;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < raw {
+            match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+            if !hinted && got >= UPLOAD / 4 {
+                hinted = true;
+                let _ = writer.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n");
+            }
+        }
+        let body = (got - (raw - UPLOAD)).to_string();
+        let _ = writer.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }));
+    let balancer = Balancer::start(&[
+        ("BACKENDS", &server_set(&[(backend.addr, 1.0)])),
+        ("REQUEST_TIMEOUT", "5"),
+    ]);
+    for chunked in [false, true] {
+        let (mut writer, mut reader) = open(&balancer);
+        let framing = if chunked {
+            "Transfer-Encoding: chunked"
+        } else {
+            "Content-Length: 2000000"
+        };
+        writer
+            .write_all(
+                format!(
+                    "POST /{} HTTP/1.1\r\nHost: test\r\n{framing}\r\n\r\n",
+                    if chunked { "chunked" } else { "length" }
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+        let uploader = std::thread::spawn(move || {
+            let piece = pattern(50_000, 3);
+            for _ in 0..UPLOAD / piece.len() {
+                let sent = if chunked {
+                    writer
+                        .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                        .and_then(|()| writer.write_all(&piece))
+                        .and_then(|()| writer.write_all(b"\r\n"))
+                } else {
+                    writer.write_all(&piece)
+                };
+                if sent.is_err() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if chunked {
+                let _ = writer.write_all(b"0\r\n\r\n");
+            }
+        });
+        let statuses: Vec<u16> = (0..2)
+            .map(|_| read_head(&mut reader).expect("an interim answer").0)
+            .collect();
+        assert_eq!(statuses, [100, 103], "chunked: {chunked}");
+        let resp = read_response(&mut reader, false).expect("the final answer");
+        assert_eq!(resp.status, 200, "chunked: {chunked}");
+        assert_eq!(
+            resp.text(),
+            UPLOAD.to_string(),
+            "every body byte reached the backend"
+        );
+        let _ = uploader.join();
+    }
+    let (mut writer, mut reader) = open(&balancer);
+    writer
+        .write_all(b"POST /refuse HTTP/1.1\r\nHost: test\r\nContent-Length: 20000000\r\n\r\n")
+        .unwrap();
+    let uploader = std::thread::spawn(move || {
+        let piece = vec![b'u'; 1 << 20];
+        for _ in 0..20 {
+            if writer.write_all(&piece).is_err() {
+                return;
+            }
+        }
+    });
+    let (first, _) = read_head(&mut reader).expect("the interim answer");
+    assert_eq!(first, 100);
+    let resp = read_response(&mut reader, false).expect("the early final answer");
+    assert_eq!(resp.status, 413, "relayed at once, not a 504");
+    drop(reader);
+    let _ = uploader.join();
+    let timeouts = format!(
+        "balancer_backend_errors_total{{backend=\"{}\",kind=\"timeout\"}}",
+        backend.addr
+    );
+    assert_eq!(
+        balancer.metric(&timeouts).unwrap_or(0.0),
+        0.0,
+        "an early answer is not a failure"
+    );
+}
+
 /// A backend that stops reading an upload and never answers: the upload cannot complete (its
 /// bytes fill both sockets' buffers), so the wait is bounded by REQUEST_TIMEOUT like any
 /// wait for an answer: a 504, and the request leaves `in_flight`.

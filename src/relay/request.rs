@@ -8,24 +8,43 @@ use super::{read_response_head, relay_interim, relay_response, upstream_failure,
 use crate::body::ChunkedDecoder;
 use crate::client::Upstream;
 use crate::exchange::{Exchange, Failure};
-use crate::http::{RequestFraming, ResponseHead};
+use crate::http::{parse_response, RequestFraming, ResponseHead};
 use crate::metrics::ErrorKind;
-use crate::shard::Shard;
 use crate::stream::Conn;
 
-/// Whether the backend has begun a final answer while the request body is still being sent.
-/// Costs a read only when its poll reported something; interim (1xx) answers do not count
-/// (they are relayed ahead of the final one).
-fn answered_early(upstream: &mut Upstream) -> bool {
-    if !upstream.conn.has_pending() {
+/// Relays the interim (1xx) answers the backend has sent while the request body is on its
+/// way, and tells whether it has begun a final answer (or closed, failed, or sent something
+/// malformed, which reading the answer will judge). Reads only what the read poll reported:
+/// no system call otherwise. Every interim head it finds is relayed and consumed, so bytes
+/// behind one (another hint, an early 413) are seen, and nothing is left in the socket to
+/// wake the caller's wait for the client again and again.
+async fn hear_backend(
+    ex: &Exchange<'_>,
+    client: &mut Conn,
+    upstream: &mut Upstream,
+) -> Result<bool, Failure> {
+    loop {
         match upstream.conn.take_reported_input() {
-            Ok(Some(n)) if n > 0 => {}
-            Ok(None) => return false,
-            // Closed or failed: reading the answer will tell what (if anything) came.
-            Ok(Some(_)) | Err(_) => return true,
+            Ok(Some(0)) | Err(_) => return Ok(true),
+            Ok(_) => {}
+        }
+        let pending = upstream.conn.pending();
+        if pending.is_empty() {
+            return Ok(false);
+        }
+        if starts_final_status(pending) {
+            return Ok(true);
+        }
+        let mut resp = ResponseHead::default();
+        match parse_response(pending, ex.head.is_head, &mut resp) {
+            Ok(true) if resp.interim => relay_interim(ex, client, upstream, &resp).await?,
+            // A 101 nobody asked for, or a malformed head: the relay fails it.
+            Ok(true) | Err(_) => return Ok(true),
+            // A head too long for the buffer (the relay's reads may grow it).
+            Ok(false) if upstream.conn.is_full() => return Ok(true),
+            Ok(false) => return Ok(false),
         }
     }
-    starts_final_status(upstream.conn.pending())
 }
 
 /// Whether `bytes` begin a status line whose status is not 1xx ("HTTP/1.1 413"); anything
@@ -88,11 +107,12 @@ pub enum BodyForwarded {
 
 /// Streams a request body that was not buffered from the client to the backend.
 pub async fn forward_body(
-    shard: &Shard,
+    ex: &Exchange<'_>,
     client: &mut Conn,
     upstream: &mut Upstream,
     framing: RequestFraming,
 ) -> Result<BodyForwarded, Failure> {
+    let shard = ex.shard;
     let mut remaining = match framing {
         RequestFraming::Length(n) => n,
         RequestFraming::Chunked => u64::MAX,
@@ -103,7 +123,7 @@ pub async fn forward_body(
     // The client's read timeout bounds the wait for its body; the backend is only watched.
     upstream.conn.set_read_timeout(None);
     loop {
-        if answered_early(upstream) {
+        if hear_backend(ex, client, upstream).await? {
             return Ok(BodyForwarded::AnsweredEarly);
         }
         if client.has_pending() {
