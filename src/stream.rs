@@ -81,6 +81,16 @@ impl Conn {
         self.start == 0 && self.end == self.buf.len()
     }
 
+    /// Doubles a full buffer, up to `max_capacity`; false when it is that large already.
+    pub fn grow(&mut self, max_capacity: usize) -> bool {
+        if self.buf.len() >= max_capacity {
+            return false;
+        }
+        let grown = (self.buf.len() * 2).clamp(1, max_capacity);
+        self.buf.resize(grown, 0);
+        true
+    }
+
     pub fn has_pending(&self) -> bool {
         self.start < self.end
     }
@@ -109,13 +119,8 @@ impl Conn {
     /// left there for the caller to move some other way (splice).
     pub async fn fill_at_most(&mut self, max_capacity: usize, limit: usize) -> io::Result<usize> {
         debug_assert!(!self.buf.is_empty(), "read into a released buffer");
-        if self.end == self.buf.len() && !self.compact() {
-            if self.buf.len() < max_capacity {
-                let grown = (self.buf.len() * 2).min(max_capacity);
-                self.buf.resize(grown, 0);
-            } else {
-                return Err(io::Error::other("receive buffer full"));
-            }
+        if self.end == self.buf.len() && !self.compact() && !self.grow(max_capacity) {
+            return Err(io::Error::other("receive buffer full"));
         }
         let stop = self.end.saturating_add(limit.max(1)).min(self.buf.len());
         let n = self.stream.read(&mut self.buf[self.end..stop]).await?;

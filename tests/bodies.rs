@@ -582,8 +582,8 @@ fn an_early_answer_reaches_a_client_that_paused_its_upload() {
     }
 }
 
-/// Interim answers during an upload (a `100 Continue` nobody asked for, `103 Early Hints`)
-/// are relayed as they come and do not stop the upload: a backend that reads the whole body
+/// Interim answers during an upload (a `100 Continue` nobody asked for, a 23 KB `103 Early
+/// Hints`) are relayed as they come and do not stop the upload: a backend that reads the whole body
 /// gets all of it and its final answer arrives behind them; one that sends `100` and `413` in
 /// one write and stops reading has its `413` relayed at once (not a 504 after
 /// REQUEST_TIMEOUT counted against it).
@@ -620,7 +620,11 @@ fn interim_answers_during_an_upload_are_relayed_and_the_upload_goes_on() {
             }
             if !hinted && got >= UPLOAD / 4 {
                 hinted = true;
-                let _ = writer.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n");
+                // Longer than a backend connection's 16 KiB buffer.
+                let links = "</s.css>; rel=preload, ".repeat(1000);
+                let _ = writer.write_all(
+                    format!("HTTP/1.1 103 Early Hints\r\nLink: {links}\r\n\r\n").as_bytes(),
+                );
             }
         }
         let body = (got - (raw - UPLOAD)).to_string();

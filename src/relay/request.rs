@@ -4,7 +4,10 @@
 use std::io;
 use std::time::Duration;
 
-use super::{read_response_head, relay_interim, relay_response, upstream_failure, Relayed};
+use super::{
+    read_response_head, relay_interim, relay_response, upstream_failure, Relayed,
+    UPSTREAM_BUFFER_MAX,
+};
 use crate::body::ChunkedDecoder;
 use crate::client::Upstream;
 use crate::exchange::{Exchange, Failure};
@@ -40,8 +43,13 @@ async fn hear_backend(
             Ok(true) if resp.interim => relay_interim(ex, client, upstream, &resp).await?,
             // A 101 nobody asked for, or a malformed head: the relay fails it.
             Ok(true) | Err(_) => return Ok(true),
-            // A head too long for the buffer (the relay's reads may grow it).
-            Ok(false) if upstream.conn.is_full() => return Ok(true),
+            // A long interim head (a 103 with many links): room for the rest of it, up to
+            // the size at which the relay refuses any head.
+            Ok(false) if upstream.conn.is_full() => {
+                if !upstream.conn.grow(UPSTREAM_BUFFER_MAX) {
+                    return Ok(true);
+                }
+            }
             Ok(false) => return Ok(false),
         }
     }
