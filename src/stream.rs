@@ -217,6 +217,24 @@ impl Conn {
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.write_all(bytes).await
     }
+
+    /// Writes some of `bytes`, waiting (under the write timeout) for room, unless the peer
+    /// sends something first (bytes, a close, an error): `Ok(Some(n))` for `n` > 0 bytes
+    /// written, `Ok(None)` when the socket turned readable while the write waited. A peer
+    /// that stopped reading may be answering, and must not wait for the write timeout to be
+    /// heard. Nothing is lost when the write is abandoned: sends are synchronous system calls.
+    pub async fn write_or_hear(&mut self, bytes: &[u8]) -> io::Result<Option<usize>> {
+        let stream = &mut self.stream;
+        futures_lite::future::poll_fn(|cx| {
+            match Pin::new(&mut *stream).poll_write(cx, bytes) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(written) => return Poll::Ready(written.map(Some)),
+                Poll::Pending => {}
+            }
+            stream.poll_read_with(cx, 0, peek).map(|_| Ok(None))
+        })
+        .await
+    }
 }
 
 /// Whether TCP may hold a send's last, partly filled segment back.

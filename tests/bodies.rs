@@ -718,6 +718,42 @@ fn interim_answers_during_an_upload_are_relayed_and_the_upload_goes_on() {
     );
 }
 
+/// A backend that stops reading an upload (its socket buffers fill, the balancer's send
+/// waits for room) and answers a second later is heard at once, not when the send gives up
+/// after REQUEST_TIMEOUT (30 s here).
+#[test]
+fn an_early_answer_from_a_backend_that_stopped_reading_is_relayed_at_once() {
+    let backend = RawBackend::start(Arc::new(|conn: TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        if read_request(&mut reader).is_none() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let _ = writer.write_all(b"HTTP/1.1 413 Nope\r\nContent-Length: 2\r\n\r\nno");
+        // Open, unread, until the test is over.
+        std::thread::sleep(std::time::Duration::from_secs(12));
+    }));
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    let (mut writer, mut reader) = open(&balancer);
+    writer
+        .write_all(b"POST /big HTTP/1.1\r\nHost: test\r\nContent-Length: 200000000\r\n\r\n")
+        .unwrap();
+    let uploader = std::thread::spawn(move || {
+        let piece = vec![b'u'; 1 << 20];
+        for _ in 0..200 {
+            if writer.write_all(&piece).is_err() {
+                return;
+            }
+        }
+    });
+    let resp = read_response(&mut reader, false).expect("the early answer, within the wait");
+    assert_eq!(resp.status, 413);
+    assert_eq!(resp.text(), "no");
+    drop(reader);
+    let _ = uploader.join();
+}
+
 /// A backend that stops reading an upload and never answers: the upload cannot complete (its
 /// bytes fill both sockets' buffers), so the wait is bounded by REQUEST_TIMEOUT like any
 /// wait for an answer: a 504, and the request leaves `in_flight`.

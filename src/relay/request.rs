@@ -141,18 +141,34 @@ pub async fn forward_body(
                     .map_err(|_| Failure::ClientStatus(400))?,
                 _ => client.pending().len().min(remaining as usize),
             };
-            if let Err(e) = upstream.conn.write_all(&client.pending()[..take]).await {
-                // A backend that answered and closed without reading the rest (its close
-                // with unread bytes is a reset): the answer is still in the socket.
-                if matches!(upstream.conn.try_fill(), Ok(Some(n)) if n > 0) {
-                    return Ok(BodyForwarded::AnsweredEarly);
+            let mut written = 0;
+            while written < take {
+                match upstream
+                    .conn
+                    .write_or_hear(&client.pending()[written..take])
+                    .await
+                {
+                    Ok(Some(n)) => written += n,
+                    // The backend spoke while its socket had no room for more of the body.
+                    Ok(None) => {
+                        if hear_backend(ex, client, upstream).await? {
+                            return Ok(BodyForwarded::AnsweredEarly);
+                        }
+                    }
+                    Err(e) => {
+                        // A backend that answered and closed without reading the rest (its
+                        // close with unread bytes is a reset): the answer is still in the socket.
+                        if matches!(upstream.conn.try_fill(), Ok(Some(n)) if n > 0) {
+                            return Ok(BodyForwarded::AnsweredEarly);
+                        }
+                        let kind = if e.kind() == io::ErrorKind::TimedOut {
+                            ErrorKind::Timeout
+                        } else {
+                            ErrorKind::Reset
+                        };
+                        return Err(upstream_failure(kind, upstream, e));
+                    }
                 }
-                let kind = if e.kind() == io::ErrorKind::TimedOut {
-                    ErrorKind::Timeout
-                } else {
-                    ErrorKind::Reset
-                };
-                return Err(upstream_failure(kind, upstream, e));
             }
             client.consume(take);
             if framing != RequestFraming::Chunked {
