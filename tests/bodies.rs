@@ -754,6 +754,48 @@ fn an_early_answer_from_a_backend_that_stopped_reading_is_relayed_at_once() {
     let _ = uploader.join();
 }
 
+/// A large early answer (an 8 MiB 413 page) to a client that uploads as fast as it can
+/// arrives whole: the close after it must not become a reset that destroys its unsent tail.
+#[test]
+fn a_large_early_answer_to_a_fast_uploader_arrives_whole() {
+    const PAGE: usize = 8 << 20;
+    let backend = RawBackend::start(Arc::new(|conn: TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        if read_request(&mut reader).is_none() {
+            return;
+        }
+        // Some of the body, then no more: the balancer's sends wait for room when it answers.
+        let mut some = vec![0u8; 100_000];
+        let _ = std::io::Read::read_exact(&mut reader, &mut some);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let mut head =
+            format!("HTTP/1.1 413 Too Large\r\nContent-Length: {PAGE}\r\n\r\n").into_bytes();
+        head.extend_from_slice(&pattern(PAGE, 9));
+        let _ = writer.write_all(&head);
+        std::thread::sleep(std::time::Duration::from_secs(5));
+    }));
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    let (mut writer, mut reader) = open(&balancer);
+    writer
+        .write_all(b"POST /big HTTP/1.1\r\nHost: test\r\nContent-Length: 100000000\r\n\r\n")
+        .unwrap();
+    let uploader = std::thread::spawn(move || {
+        let piece = vec![b'u'; 1 << 20];
+        for _ in 0..95 {
+            if writer.write_all(&piece).is_err() {
+                return;
+            }
+        }
+    });
+    let resp = read_response(&mut reader, false).expect("the whole early answer");
+    assert_eq!(resp.status, 413);
+    assert_eq!(resp.body.len(), PAGE);
+    assert!(resp.body == pattern(PAGE, 9), "the page arrived intact");
+    drop(reader);
+    let _ = uploader.join();
+}
+
 /// A backend that stops reading an upload and never answers: the upload cannot complete (its
 /// bytes fill both sockets' buffers), so the wait is bounded by REQUEST_TIMEOUT like any
 /// wait for an answer: a 504, and the request leaves `in_flight`.
