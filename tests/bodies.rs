@@ -499,6 +499,19 @@ fn early_answering_backend() -> RawBackend {
     }))
 }
 
+/// Writes `mib` MiB of request body on `writer` as fast as the socket takes them, on a thread
+/// of its own; stops at the first failed write (the balancer closed the connection).
+fn upload_mib_in_background(mut writer: TcpStream, mib: usize) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let piece = vec![b'u'; 1 << 20];
+        for _ in 0..mib {
+            if writer.write_all(&piece).is_err() {
+                return;
+            }
+        }
+    })
+}
+
 /// Uploads `UPLOAD` bytes to `path` in paced pieces on a new connection while reading the
 /// answer; returns the answer's status and how much of the body had been written when the
 /// answer's head arrived.
@@ -693,14 +706,7 @@ fn interim_answers_during_an_upload_are_relayed_and_the_upload_goes_on() {
     writer
         .write_all(b"POST /refuse HTTP/1.1\r\nHost: test\r\nContent-Length: 20000000\r\n\r\n")
         .unwrap();
-    let uploader = std::thread::spawn(move || {
-        let piece = vec![b'u'; 1 << 20];
-        for _ in 0..20 {
-            if writer.write_all(&piece).is_err() {
-                return;
-            }
-        }
-    });
+    let uploader = upload_mib_in_background(writer, 20);
     let (first, _) = read_head(&mut reader).expect("the interim answer");
     assert_eq!(first, 100);
     let resp = read_response(&mut reader, false).expect("the early final answer");
@@ -739,14 +745,7 @@ fn an_early_answer_from_a_backend_that_stopped_reading_is_relayed_at_once() {
     writer
         .write_all(b"POST /big HTTP/1.1\r\nHost: test\r\nContent-Length: 200000000\r\n\r\n")
         .unwrap();
-    let uploader = std::thread::spawn(move || {
-        let piece = vec![b'u'; 1 << 20];
-        for _ in 0..200 {
-            if writer.write_all(&piece).is_err() {
-                return;
-            }
-        }
-    });
+    let uploader = upload_mib_in_background(writer, 200);
     let resp = read_response(&mut reader, false).expect("the early answer, within the wait");
     assert_eq!(resp.status, 413);
     assert_eq!(resp.text(), "no");
@@ -780,14 +779,7 @@ fn a_large_early_answer_to_a_fast_uploader_arrives_whole() {
     writer
         .write_all(b"POST /big HTTP/1.1\r\nHost: test\r\nContent-Length: 100000000\r\n\r\n")
         .unwrap();
-    let uploader = std::thread::spawn(move || {
-        let piece = vec![b'u'; 1 << 20];
-        for _ in 0..95 {
-            if writer.write_all(&piece).is_err() {
-                return;
-            }
-        }
-    });
+    let uploader = upload_mib_in_background(writer, 95);
     let resp = read_response(&mut reader, false).expect("the whole early answer");
     assert_eq!(resp.status, 413);
     assert_eq!(resp.body.len(), PAGE);
@@ -822,14 +814,7 @@ fn an_upload_the_backend_stops_reading_ends_in_504_after_request_timeout() {
     let (mut writer, mut reader) = open(&balancer);
     let head = format!("POST /stalled HTTP/1.1\r\nHost: test\r\nContent-Length: {UPLOAD}\r\n\r\n");
     writer.write_all(head.as_bytes()).unwrap();
-    let uploader = std::thread::spawn(move || {
-        let piece = vec![b'u'; 1 << 20];
-        for _ in 0..UPLOAD >> 20 {
-            if writer.write_all(&piece).is_err() {
-                return;
-            }
-        }
-    });
+    let uploader = upload_mib_in_background(writer, UPLOAD >> 20);
     let (status, _) = read_head(&mut reader).expect("an answer");
     assert_eq!(status, 504);
     drop(reader);
