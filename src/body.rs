@@ -55,6 +55,9 @@ enum State {
         line: usize,
         escaped: bool,
     },
+    /// After a quoted extension value's closing quote: only whitespace, `;` or CR may
+    /// follow, so `a="b"c` cannot be read one way here and another by the backend.
+    ExtQuoteClosed { size: u64, line: usize },
     /// Size line's CR seen; LF must follow.
     SizeLf { size: u64 },
     /// Inside chunk data.
@@ -205,7 +208,7 @@ fn step(state: State, b: u8, trailer_bytes: &mut usize) -> Result<State, BodyErr
             escaped,
         } => match b {
             _ if is_ctl(b) => return Err(BodyError::BadChunkSize),
-            b'"' if !escaped => State::Ext {
+            b'"' if !escaped => State::ExtQuoteClosed {
                 size,
                 line: bounded(line)?,
             },
@@ -214,6 +217,18 @@ fn step(state: State, b: u8, trailer_bytes: &mut usize) -> Result<State, BodyErr
                 line: bounded(line)?,
                 escaped: !escaped && b == b'\\',
             },
+        },
+        State::ExtQuoteClosed { size, line } => match b {
+            b'\r' => State::SizeLf { size },
+            b' ' | b'\t' => State::ExtQuoteClosed {
+                size,
+                line: bounded(line)?,
+            },
+            b';' => State::Ext {
+                size,
+                line: bounded(line)?,
+            },
+            _ => return Err(BodyError::BadChunkSize),
         },
         State::SizeLf { size } => match (b, size) {
             (b'\n', 0) => State::TrailerStart,
@@ -351,6 +366,7 @@ mod tests {
             (b"5 ;a=\"b;c\"\r\nhello\r\n0\r\n\r\n", b"hello"),
             (b"5;a=\"q\\\"uote\\\\\";b\r\nhello\r\n0\r\n\r\n", b"hello"),
             (b"5;a=\"\t\"\r\nhello\r\n0\r\n\r\n", b"hello"),
+            (b"5;a=\"b\" ; c=\"d\"\t\r\nhello\r\n0\r\n\r\n", b"hello"),
             (b"5\t \r\nhello\r\n0\r\n\r\n", b"hello"),
             (
                 b"5\r\nhello\r\n0\r\nExpires: never\r\nX-Sum: abc\r\n\r\n",
@@ -390,6 +406,9 @@ mod tests {
             (b"5;x=\"open\r\nhello\r\n", BodyError::BadChunkSize),
             (b"5;x=\"esc\\\"\r\nhello\r\n", BodyError::BadChunkSize),
             (b"5;x=\"a\x01\"\r\nhello\r\n", BodyError::BadChunkSize),
+            // After the closing quote only whitespace, `;` or the line's end may come.
+            (b"5;a=\"b\"x\r\nhello\r\n", BodyError::BadChunkSize),
+            (b"5;a=\"b\" \"c\"\r\nhello\r\n", BodyError::BadChunkSize),
             (b"10000000000000000\r\n", BodyError::BadChunkSize),
             (b"5\r\nhelloX\r\n0\r\n\r\n", BodyError::BadChunkTerminator),
             (b"5\r\nhello\n0\r\n\r\n", BodyError::BadChunkTerminator),
