@@ -93,6 +93,40 @@ impl Drop for PooledBuffer<'_> {
     }
 }
 
+/// Lists filled anew for each request, such as a request head's field ranges: a new
+/// connection takes one that already has room instead of growing one from empty (an
+/// allocation and a reallocation per connection otherwise).
+pub struct ListPool<T> {
+    free: RefCell<Vec<Vec<T>>>,
+    /// Lists kept for reuse.
+    keep: usize,
+    /// Capacity above which a returned list is freed rather than kept.
+    most: usize,
+}
+
+impl<T> ListPool<T> {
+    pub fn new(keep: usize, most: usize) -> Self {
+        ListPool {
+            free: RefCell::new(Vec::new()),
+            keep,
+            most,
+        }
+    }
+
+    /// An empty list, to hand back with `put`.
+    pub fn take(&self) -> Vec<T> {
+        self.free.borrow_mut().pop().unwrap_or_default()
+    }
+
+    pub fn put(&self, mut list: Vec<T>) {
+        list.clear();
+        let mut free = self.free.borrow_mut();
+        if free.len() < self.keep && list.capacity() <= self.most {
+            free.push(list);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +188,25 @@ mod tests {
         let b = pool.take_filled();
         assert_eq!(b.len(), 16 * 1024);
         assert_eq!(b.as_ptr(), ptr);
+    }
+
+    #[test]
+    fn lists_come_back_empty_with_their_room_and_the_pool_stays_bounded() {
+        let pool = ListPool::<u32>::new(2, 64);
+        let mut a = pool.take();
+        a.extend(0..10);
+        let ptr = a.as_ptr();
+        pool.put(a);
+        let b = pool.take();
+        assert!(b.is_empty());
+        assert_eq!(b.as_ptr(), ptr, "the room of the last list is reused");
+        assert!(b.capacity() >= 10);
+        let mut big = Vec::with_capacity(65);
+        big.push(1);
+        pool.put(big);
+        pool.put(b);
+        pool.put(Vec::with_capacity(4));
+        pool.put(Vec::with_capacity(4));
+        assert_eq!(pool.free.borrow().len(), 2, "an overgrown list is freed, at most two kept");
     }
 }

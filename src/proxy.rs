@@ -64,7 +64,10 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr
     let _ = stream.set_write_timeout(Some(shard.config.client_idle_timeout));
     let client_ip = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
     let mut client = Conn::with_buffer(stream, shard.client_buffers.take_filled());
-    let mut head = RequestHead::default();
+    let mut head = RequestHead {
+        headers: shard.field_lists.take(),
+        ..RequestHead::default()
+    };
     let mut first_request_until = Some(glommio::timer::now() + FIRST_REQUEST_GRACE);
     loop {
         let read = read_head(shard, &mut client, &mut head, first_request_until.take()).await;
@@ -106,6 +109,7 @@ pub async fn serve(shard: &Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr
         }
     }
     shard.client_buffers.put_filled(client.into_buffer());
+    shard.field_lists.put(head.headers);
 }
 
 enum HeadRead {

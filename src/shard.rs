@@ -17,11 +17,12 @@ use glommio::{LocalExecutorBuilder, Placement};
 use log::{debug, info, warn};
 
 use crate::balancer::{Backend, Balancer, Pick};
-use crate::buffers::{BufferPool, BODY_BUFFER};
+use crate::buffers::{BufferPool, ListPool, BODY_BUFFER};
 use crate::cache::flights::{Flights, MAX_PASS_MEMORY};
 use crate::cache::{shard_capacity, Cache};
 use crate::client::Pool;
 use crate::config::Config;
+use crate::http::{HeaderRange, MAX_HEADERS};
 use crate::metrics::{BackendStats, ShardMetrics};
 use crate::proxy::CLIENT_BUFFER;
 use crate::signal::Signal;
@@ -138,6 +139,8 @@ pub struct Shard {
     /// Requests as forwarded to a backend (head, plus a body small enough to replay); one
     /// grown by a large body is freed rather than kept.
     pub request_buffers: BufferPool,
+    /// Field lists of request heads, one per client connection.
+    pub field_lists: ListPool<HeaderRange>,
     /// Out of descriptors (or memory) on accept or connect: warned about every 10 s at most.
     pub shortage: WarnEvery,
 }
@@ -277,6 +280,7 @@ pub fn start(
                     client_buffers: BufferPool::new(CLIENT_BUFFER, 256),
                     pipes: PipePool::default(),
                     request_buffers: BufferPool::new(4 * 1024, 256),
+                    field_lists: ListPool::new(256, MAX_HEADERS),
                     shortage: WarnEvery::new(SHORTAGE_WARNING_PERIOD),
                     config,
                 });
