@@ -207,6 +207,10 @@ mod tests {
         pool.put(b);
         pool.put(Vec::with_capacity(4));
         pool.put(Vec::with_capacity(4));
-        assert_eq!(pool.free.borrow().len(), 2, "an overgrown list is freed, at most two kept");
+        assert_eq!(
+            pool.free.borrow().len(),
+            2,
+            "an overgrown list is freed, at most two kept"
+        );
     }
 }

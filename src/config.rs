@@ -341,9 +341,20 @@ impl Config {
             let n = std::thread::available_parallelism().map_or(1, |n| n.get());
             (0..n).collect()
         });
-        // A non-UTF-8 value is passed on lossily rather than dropped, so it fails validation
-        // with a message instead of silently falling back to the default.
-        let lookup = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
+        // A value that is not UTF-8 is refused rather than read lossily: most would fail
+        // validation anyway, but a lossy RUST_LOG parses as a module name and silences the log.
+        for var in VARIABLES {
+            if let Some(value) = std::env::var_os(var.name) {
+                if value.to_str().is_none() {
+                    return Err(ConfigError::Invalid {
+                        var: var.name,
+                        value: value.to_string_lossy().into_owned(),
+                        reason: "not valid UTF-8".to_owned(),
+                    });
+                }
+            }
+        }
+        let lookup = |name: &str| std::env::var(name).ok();
         Config::from_lookup(lookup, &allowed)
     }
 
@@ -430,7 +441,9 @@ impl<'a> Draft<'a> {
         if config.agent.is_none() && config.backends.is_none() {
             return Err(ConfigError::NoBackendSource);
         }
-        let overlaps_loopback = config.bind.is_unspecified() || config.bind.is_loopback();
+        // `::ffff:127.0.0.1` is loopback too: the kernel delivers 127.0.0.1 connections to it.
+        let bind = config.bind.to_canonical();
+        let overlaps_loopback = bind.is_unspecified() || bind.is_loopback();
         if let Some(port) = config.admin_port {
             if port != 0 && port == config.http_port && overlaps_loopback {
                 return Err(ConfigError::Invalid {
@@ -738,7 +751,14 @@ mod tests {
 
     #[test]
     fn the_admin_port_may_not_be_the_http_port_where_their_addresses_meet() {
-        for bind in ["0.0.0.0", "127.0.0.1", "::"] {
+        for bind in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:0.0.0.0",
+        ] {
             let err = parse(&[
                 ("BACKENDS", BACKENDS),
                 ("BALANCER_BIND", bind),

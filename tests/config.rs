@@ -59,7 +59,7 @@ fn words(text: &str) -> Vec<&str> {
 
 #[test]
 fn help_lists_every_variable_and_exits_zero() {
-    let (code, out, err) = run_to_exit(&[], &["--help"]);
+    let (code, out, err) = run_to_exit::<&str>(&[], &["--help"]);
     assert_eq!(code, Some(0), "stderr: {err}");
     for var in VARIABLES {
         assert!(out.contains(var), "--help does not mention {var}:\n{out}");
@@ -68,7 +68,7 @@ fn help_lists_every_variable_and_exits_zero() {
 
 #[test]
 fn version_prints_the_crate_version_and_exits_zero() {
-    let (code, out, err) = run_to_exit(&[], &["--version"]);
+    let (code, out, err) = run_to_exit::<&str>(&[], &["--version"]);
     assert_eq!(code, Some(0), "stderr: {err}");
     assert!(
         out.contains(env!("CARGO_PKG_VERSION")),
@@ -324,6 +324,24 @@ fn the_admin_port_equal_to_the_http_port_exits_2_naming_it() {
 #[test]
 fn an_invalid_rust_log_exits_2_naming_it() {
     assert_invalid(&[("RUST_LOG", "garbage====")], "RUST_LOG", "garbage====");
+}
+
+#[test]
+fn a_value_that_is_not_utf8_exits_2_naming_the_variable() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    // Read lossily, `info\xff` would parse as a module name and silence every log line.
+    let mut env: Vec<(&str, &OsStr)> = env_with(&[])
+        .into_iter()
+        .filter(|(name, _)| *name != "RUST_LOG")
+        .map(|(name, value)| (name, OsStr::new(value)))
+        .collect();
+    env.push(("RUST_LOG", OsStr::from_bytes(b"info\xff")));
+    let (code, _, err) = run_to_exit(&env, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(non_empty_lines(&err).len(), 1, "{err}");
+    assert!(err.starts_with("balancer: invalid RUST_LOG="), "{err}");
+    assert!(err.contains("not valid UTF-8"), "{err}");
 }
 
 #[test]

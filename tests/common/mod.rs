@@ -193,7 +193,10 @@ fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
 }
 
 /// Runs the binary to completion (for configuration errors); (exit code, stdout, stderr).
-pub fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String, String) {
+pub fn run_to_exit<V: AsRef<std::ffi::OsStr>>(
+    env: &[(&str, V)],
+    args: &[&str],
+) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_balancer"));
     cmd.env_clear()
         .env(RES_OPTIONS.0, RES_OPTIONS.1)
