@@ -52,6 +52,8 @@ pub struct Pick {
     pub index: usize,
     pub generation: u64,
     pub backend: Backend,
+    /// The server was ejected when picked: panic mode sent the request anyway.
+    pub ejected: bool,
 }
 
 /// Passive-health state of one server.
@@ -261,10 +263,17 @@ impl Balancer {
         let Some(index) = self.locate(pick) else {
             return false;
         };
-        let (next, changed) = self.health[index].after(outcome, now);
+        let before = self.health[index];
+        let (next, changed) = match (before, outcome) {
+            // Panic mode sent this request to an ejected server, so its answer is news: a
+            // success clears the ejection (SPEC §5), and panic mode ends as soon as one
+            // server answers again rather than when its ejection runs out.
+            (Health::Ejected { .. }, Outcome::Success) if pick.ejected => (Health::FRESH, true),
+            _ => before.after(outcome, now),
+        };
         self.health[index] = next;
         // A recovered probation server is already in the table; only ejections change it.
-        if changed && next.is_ejected() {
+        if changed && (next.is_ejected() || before.is_ejected()) {
             self.rebuild_table();
         }
         changed
@@ -306,6 +315,7 @@ impl Balancer {
             index,
             generation: self.generation,
             backend: self.backends[index].clone(),
+            ejected: self.health[index].is_ejected(),
         }
     }
 
@@ -639,8 +649,9 @@ mod tests {
     fn failures_while_ejected_do_not_extend_it() {
         let start = Instant::now();
         let mut b = balancer(&[1.0, 1.0], start);
-        fail(&mut b, 0, 3, start);
+        // Picked before the ejection, finished after it.
         let pick = pick_of(&b, 0);
+        fail(&mut b, 0, 3, start);
         assert!(!b.record(&pick, Outcome::Failure, start + 4 * SECOND));
         assert!(!b.record(&pick, Outcome::Success, start + 4 * SECOND));
         b.rebuild(start + 5 * SECOND);
@@ -672,6 +683,26 @@ mod tests {
         assert!(!b.panic_mode());
         assert_eq!(b.ejected_count(), 1);
         assert_eq!(counts(&b, 1_000, |_| true), [1_000, 0]);
+    }
+
+    #[test]
+    fn a_success_in_panic_mode_clears_that_ejection_and_ends_panic_mode() {
+        let start = Instant::now();
+        let mut b = balancer(&[1.0, 1.0], start);
+        fail(&mut b, 0, 3, start);
+        fail(&mut b, 1, 3, start);
+        assert!(b.panic_mode());
+        let in_panic = pick_of(&b, 1);
+        assert!(in_panic.ejected);
+        // A failure of a panic pick does not extend the ejection; a success ends it.
+        assert!(!b.record(&pick_of(&b, 0), Outcome::Failure, start + SECOND));
+        assert!(b.record(&in_panic, Outcome::Success, start + SECOND));
+        assert!(!b.is_ejected(1));
+        assert!(!b.panic_mode());
+        assert_eq!(b.ejected_count(), 1);
+        assert_eq!(counts(&b, 1_000, |_| true), [0, 1_000]);
+        b.rebuild(start + 5 * SECOND);
+        assert!(!b.is_ejected(0), "server 0's period was not extended");
     }
 
     #[test]

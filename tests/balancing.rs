@@ -188,6 +188,64 @@ fn with_every_backend_failing_requests_are_still_attempted() {
 }
 
 #[test]
+fn in_panic_mode_the_first_success_ends_that_servers_ejection() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let closing: Handler = Arc::new(|_| Reply::Close);
+    let recovered = Arc::new(AtomicBool::new(false));
+    let b_handler: Handler = {
+        let recovered = recovered.clone();
+        Arc::new(move |_| match recovered.load(Relaxed) {
+            true => Reply::Bytes(ok(b"b")),
+            false => Reply::Close,
+        })
+    };
+    let a = Backend::start(closing);
+    let b = Backend::start(b_handler);
+    let lb = Balancer::serving(&[(a.addr, 1.0), (b.addr, 1.0)]);
+    for i in 0..6 {
+        assert_eq!(
+            get(lb.addr, &format!("/eject/{i}")).status,
+            502,
+            "request {i}"
+        );
+    }
+    assert_eq!(lb.metric("balancer_ejected_servers"), Some(2.0));
+
+    // Panic mode routes to both; b answers again. Its first success (the request's own or a
+    // retry's) must end b's ejection there and then, not when its 5 s run out.
+    recovered.store(true, Relaxed);
+    let first = get(lb.addr, "/first");
+    assert_eq!(first.status, 200, "{}", first.text());
+    let doc = servers_doc(&lb);
+    assert_eq!(
+        server_entry(&doc, b.addr)["ejected_shards"].as_u64(),
+        Some(0),
+        "{doc}"
+    );
+    assert_eq!(
+        server_entry(&doc, a.addr)["ejected_shards"].as_u64(),
+        Some(1),
+        "{doc}"
+    );
+    assert_eq!(lb.metric("balancer_ejected_servers"), Some(1.0));
+    // Panic mode is over: the still-ejected server gets nothing.
+    let a_before = a.requests();
+    for i in 0..20 {
+        let resp = get(lb.addr, &format!("/after/{i}"));
+        assert_eq!(
+            (resp.status, resp.text()),
+            (200, "b".to_owned()),
+            "request {i}"
+        );
+    }
+    assert_eq!(
+        a.requests(),
+        a_before,
+        "no request reached the ejected server"
+    );
+}
+
+#[test]
 fn servers_document_lists_every_server_with_its_state() {
     let a = Backend::named("a");
     let b = Backend::named("b");
