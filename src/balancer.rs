@@ -319,6 +319,16 @@ impl Balancer {
         }
     }
 
+    /// Whether the picked server still takes new requests: in the current set with a score
+    /// above 0. A connection to one that was drained or removed since is not worth pooling.
+    pub fn still_routes(&self, pick: &Pick) -> bool {
+        if pick.generation == self.generation {
+            return true; // picks come from the table, which holds servers with a score only
+        }
+        self.locate(pick)
+            .is_some_and(|index| self.backends[index].weight() > 0.0)
+    }
+
     fn locate(&self, pick: &Pick) -> Option<usize> {
         if pick.generation == self.generation {
             let current = self.backends.get(pick.index)?;
@@ -703,6 +713,19 @@ mod tests {
         assert_eq!(counts(&b, 1_000, |_| true), [0, 1_000]);
         b.rebuild(start + 5 * SECOND);
         assert!(!b.is_ejected(0), "server 0's period was not extended");
+    }
+
+    #[test]
+    fn a_pick_still_routes_until_its_server_is_drained_or_removed() {
+        let now = Instant::now();
+        let mut b = balancer(&[1.0, 1.0, 1.0], now);
+        let picks: Vec<Pick> = (0..3).map(|i| pick_of(&b, i)).collect();
+        assert!(picks.iter().all(|p| b.still_routes(p)));
+        // Server 0 keeps its score, 1 drains, 2 leaves the set.
+        b.replace(vec![backend(0, 2.0), backend(1, 0.0)], now);
+        assert!(b.still_routes(&picks[0]));
+        assert!(!b.still_routes(&picks[1]));
+        assert!(!b.still_routes(&picks[2]));
     }
 
     #[test]

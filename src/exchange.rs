@@ -81,14 +81,16 @@ impl Exchange<'_> {
                 let mut fresh = self.connect(addr).await?;
                 self.send_and_relay(client, &mut fresh, self.head_timeout)
                     .await
-                    .map(|r| self.release(fresh, r))
+                    .map(|r| self.release(fresh, r, pick))
             }
-            other => other.map(|r| self.release(upstream, r)),
+            other => other.map(|r| self.release(upstream, r, pick)),
         }
     }
 
-    fn release(&self, upstream: Upstream, relayed: Relayed) -> Relayed {
-        if relayed.reusable {
+    /// Pools the connection if it may carry another request: not when the server was drained
+    /// or removed while this one was in flight (its idle connections were closed then).
+    fn release(&self, upstream: Upstream, relayed: Relayed, pick: &Pick) -> Relayed {
+        if relayed.reusable && self.shard.balancer.borrow().still_routes(pick) {
             self.shard
                 .pool
                 .borrow_mut()

@@ -3,7 +3,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -189,7 +191,7 @@ fn with_every_backend_failing_requests_are_still_attempted() {
 
 #[test]
 fn in_panic_mode_the_first_success_ends_that_servers_ejection() {
-    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::atomic::Ordering::Relaxed;
     let closing: Handler = Arc::new(|_| Reply::Close);
     let recovered = Arc::new(AtomicBool::new(false));
     let b_handler: Handler = {
@@ -243,6 +245,78 @@ fn in_panic_mode_the_first_success_ends_that_servers_ejection() {
         a_before,
         "no request reached the ejected server"
     );
+}
+
+/// Reads a request head (no body); false at the end of the connection.
+fn read_request_head(reader: &mut impl std::io::BufRead) -> bool {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) if line == "\r\n" => return true,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A backend that answers each request on a connection only once `go` is set, and records
+/// when the balancer closes a connection to it.
+fn gated_backend(go: Arc<AtomicBool>, closed: Arc<AtomicUsize>) -> RawBackend {
+    RawBackend::start(Arc::new(move |conn: TcpStream| {
+        // Longer than `eventually` waits: only the balancer may end the connection in time.
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+        let mut writer = conn;
+        while read_request_head(&mut reader) {
+            while !go.load(SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if writer.write_all(&ok(b"gated")).is_err() {
+                return;
+            }
+        }
+        closed.fetch_add(1, SeqCst);
+    }))
+}
+
+#[test]
+fn a_connection_busy_when_its_server_is_drained_is_closed_after_its_response() {
+    for drained_by in ["score 0", "removal"] {
+        let go = Arc::new(AtomicBool::new(false));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let old = gated_backend(go.clone(), closed.clone());
+        let new = Backend::named("new");
+        let agent = Agent::start();
+        let port = agent.port_str();
+        let lb = Balancer::start(&[("HOST_PORT_WS_DEPLOYMENT_AGENT", port.as_str())]);
+        let mut conn = agent.accept();
+        conn.push(&server_set(&[(old.addr, 1.0)]));
+
+        let addr = lb.addr;
+        let in_flight = std::thread::spawn(move || get(addr, "/slow"));
+        eventually("the request to reach the old server", || {
+            old.accepts.load(SeqCst) == 1
+        });
+        let next = match drained_by {
+            "score 0" => server_set(&[(old.addr, 0.0), (new.addr, 1.0)]),
+            _ => server_set(&[(new.addr, 1.0)]),
+        };
+        conn.push(&next);
+        go.store(true, SeqCst);
+        let resp = in_flight.join().expect("client thread");
+        assert_eq!(
+            (resp.status, resp.text()),
+            (200, "gated".to_owned()),
+            "{drained_by}"
+        );
+        // Its connection was not pooled: the balancer closes it as soon as the response is
+        // through, not when the pool's idle timeout (30 s) runs out.
+        eventually("the drained server's connection to be closed", || {
+            closed.load(SeqCst) == 1
+        });
+        assert_eq!(get(lb.addr, "/next").text(), "new", "{drained_by}");
+    }
 }
 
 #[test]
