@@ -34,6 +34,9 @@ usage: scripts/loadtest.sh [options]
   --load-cpu N         CPU for wrk and the origins (default 1)
   --port P             proxy listen port (default 8080); origins use 9001 and 9002
   --out FILE           also write the per-run lines and the summary to FILE
+  --no-defer-accept    plain listeners: without it every proxy hands over a new connection only
+                       once its request has arrived (TCP_DEFER_ACCEPT: NGINX `listen ... deferred`,
+                       HAProxy `bind ... defer-accept`, balancer BALANCER_DEFER_ACCEPT=on)
   --max-noise PCT      mark a run noisy=1 when other processes took over PCT % of the proxy CPU
                        (or steal exceeded it); the summary warns about noisy runs (default 10)
   --build              run `cargo build --release --bins` first (default: only if the binary is missing)
@@ -77,7 +80,7 @@ log() { echo "loadtest: $*" >&2; }
 REPS=3 DURATION=5 WARMUP=1 CONNS=64 MAX_NOISE=10 PROXY_CPU=0 LOAD_CPU=1 PORT=8080
 ORIGIN_PORT1=9001 ORIGIN_PORT2=9002
 SCENARIOS=small,big,close,css PROXIES=balancer,haproxy,nginx
-OUT= BUILD=0 KEEP_TMP=0 BALANCER_BIN= INSTRUCTIONS=0 SUMMARIZE=
+OUT= BUILD=0 KEEP_TMP=0 BALANCER_BIN= INSTRUCTIONS=0 SUMMARIZE= DEFER_ACCEPT=1
 while (($#)); do
     case $1 in
         --reps) REPS=${2:?--reps needs a value}; shift 2 ;;
@@ -91,6 +94,7 @@ while (($#)); do
         --load-cpu) LOAD_CPU=${2:?--load-cpu needs a value}; shift 2 ;;
         --port) PORT=${2:?--port needs a value}; shift 2 ;;
         --out) OUT=${2:?--out needs a value}; shift 2 ;;
+        --no-defer-accept) DEFER_ACCEPT=0; shift ;;
         --max-noise) MAX_NOISE=${2:?--max-noise needs a value}; shift 2 ;;
         --build) BUILD=1; shift ;;
         --balancer-bin) BALANCER_BIN=${2:?--balancer-bin needs a value}; shift 2 ;;
@@ -536,7 +540,7 @@ http {
         keepalive_timeout 75s;
     }
     server {
-        listen 127.0.0.1:$PORT reuseport backlog=4096;
+        listen 127.0.0.1:$PORT reuseport backlog=4096$( ((DEFER_ACCEPT)) && echo ' deferred' || true);
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_set_header Host \$http_host;
@@ -589,7 +593,7 @@ defaults
 
 $cache_sec
 frontend fe
-    bind 127.0.0.1:$PORT
+    bind 127.0.0.1:$PORT$( ((DEFER_ACCEPT)) && echo ' defer-accept' || true)
     default_backend origins
 
 backend origins
@@ -611,6 +615,7 @@ start_balancer() {
     local cpus=$1 logf=$2 i
     BACKENDS=$BACKENDS_JSON HOST_PORT_HTTP_BALANCER=$PORT BALANCER_BIND=127.0.0.1 \
         BALANCER_CPUS=$cpus ADMIN_PORT=0 CACHE_CAPACITY=10000 RUST_LOG=warn,balancer=info \
+        BALANCER_DEFER_ACCEPT=$( ((DEFER_ACCEPT)) && echo on || echo off) \
         start_bg "$cpus" "$logf" "${BALANCER_WRAP[@]}" "$BALANCER_BIN"
     ADMIN_ADDR=
     for ((i = 0; i < 300; i++)); do
@@ -867,10 +872,12 @@ record() {
 # ------------------------------------------------------------------ run
 if ((INSTRUCTIONS)); then
     say "# loadtest --instructions $(date -u +%Y-%m-%dT%H:%M:%SZ) duration=${DURATION}s" \
-        "warmup=${WARMUP}s conns=$CONNS scenarios=$SCENARIOS proxy_cpu=$PROXY_CPU load_cpu=$LOAD_CPU"
+        "warmup=${WARMUP}s conns=$CONNS scenarios=$SCENARIOS proxy_cpu=$PROXY_CPU load_cpu=$LOAD_CPU" \
+        "defer_accept=$( ((DEFER_ACCEPT)) && echo on || echo off)"
 else
     say "# loadtest $(date -u +%Y-%m-%dT%H:%M:%SZ) reps=$REPS duration=${DURATION}s warmup=${WARMUP}s" \
-        "conns=$CONNS scenarios=$SCENARIOS proxies=$PROXIES proxy_cpu=$PROXY_CPU load_cpu=$LOAD_CPU"
+        "conns=$CONNS scenarios=$SCENARIOS proxies=$PROXIES proxy_cpu=$PROXY_CPU load_cpu=$LOAD_CPU" \
+        "defer_accept=$( ((DEFER_ACCEPT)) && echo on || echo off)"
 fi
 say "# $(uname -sr); $(nproc) CPUs ($(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo));" \
     "loadavg $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -88,6 +88,8 @@ pub struct Config {
     pub log_filter: String,
     /// `BALANCER_REUSE_PORT`: bind the ports even while another process listens on them.
     pub reuse_port: bool,
+    /// `BALANCER_DEFER_ACCEPT`: `TCP_DEFER_ACCEPT` on the HTTP listeners.
+    pub defer_accept: bool,
 }
 
 /// A configuration value the balancer cannot start with.
@@ -288,6 +290,16 @@ static VARIABLES: &[Variable] = &[
         unset: Parse("off"),
         apply: |d, v| set(&mut d.config.reuse_port, on_off(v)),
     },
+    Variable {
+        name: "BALANCER_DEFER_ACCEPT",
+        meaning: "on: the kernel hands a new connection over once its first bytes arrive \
+                  (TCP_DEFER_ACCEPT, as NGINX's `deferred`), which saves a wake-up and a poll \
+                  per connection; one that sends nothing is handed over after about 1 s, and \
+                  one still silent at shutdown is dropped without a FIN; off: as soon as it is \
+                  established",
+        unset: Parse("off"),
+        apply: |d, v| set(&mut d.config.defer_accept, on_off(v)),
+    },
 ];
 
 impl Config {
@@ -413,6 +425,7 @@ impl<'a> Draft<'a> {
                 admin_port: None,
                 log_filter: String::new(),
                 reuse_port: false,
+                defer_accept: false,
             },
             agent_port: None,
             agent_host: String::new(),
@@ -623,6 +636,8 @@ mod tests {
             ("RUST_LOG", "info/agent", |c| c.log_filter == "info/agent"),
             ("BALANCER_REUSE_PORT", "on", |c| c.reuse_port),
             ("BALANCER_REUSE_PORT", "OFF", |c| !c.reuse_port),
+            ("BALANCER_DEFER_ACCEPT", "on", |c| c.defer_accept),
+            ("BALANCER_DEFER_ACCEPT", "off", |c| !c.defer_accept),
             ("DEPLOYMENT_AGENT_PATH", "/ws%C3%A9?v=1", |c| {
                 c.agent.is_none()
             }),
@@ -995,6 +1010,7 @@ mod tests {
                 "RUST_LOG",
                 // Beyond the SPEC's table, after it.
                 "BALANCER_REUSE_PORT",
+                "BALANCER_DEFER_ACCEPT",
             ]
         );
     }

@@ -25,6 +25,7 @@ use crate::http::{
 use crate::lookup::CacheStep;
 use crate::metrics::ErrorKind;
 use crate::shard::Shard;
+use crate::startup::DEFER_ACCEPT_SILENCE;
 use crate::stream::Conn;
 
 /// Initial receive buffer of a client connection; grows only for large heads.
@@ -179,10 +180,19 @@ async fn read_head(
                 _ => return HeadRead::Closed,
             }
         } else {
-            let idle_until = *idle_deadline
-                .get_or_insert_with(|| glommio::timer::now() + config.client_idle_timeout);
+            let idle_until = *idle_deadline.get_or_insert_with(|| {
+                // A deferred connection with nothing to read yet has been silent for about
+                // a second already, in the kernel (see `startup::bind`): that counts too.
+                let silent_before = match first && config.defer_accept {
+                    true => DEFER_ACCEPT_SILENCE,
+                    false => Duration::ZERO,
+                };
+                glommio::timer::now() + config.client_idle_timeout.saturating_sub(silent_before)
+            });
             // A busy connection's next request comes soon: wait for it with the buffer ready.
-            let grace = config.client_idle_timeout.min(IDLE_WITH_BUFFER);
+            // At least a moment, so that bytes already there are still read.
+            let left = idle_until.saturating_duration_since(glommio::timer::now());
+            let grace = left.min(IDLE_WITH_BUFFER).max(Duration::from_millis(1));
             client.set_read_timeout(Some(grace));
             let read = shard
                 .shutdown

@@ -254,7 +254,7 @@ pub fn start(
                 }
             };
             executor.run(async move {
-                let listener = match bind(addr) {
+                let listener = match bind(addr, config.defer_accept) {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = ready_tx.send(Err(bind_error(addr, Listener::Http, e)));

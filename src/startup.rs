@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use glommio::net::TcpListener;
 
@@ -33,7 +34,7 @@ impl std::fmt::Display for StartupError {
                 };
                 write!(
                     f,
-                    "cannot listen on {addr}{what}: the port is already in use by another program; stop it or choose another port with {variable} (BALANCER_REUSE_PORT=on shares a port only with another balancer that set it too, for a seamless restart)"
+                    "cannot listen on {addr}{what}: the port is already in use by another program; stop it or choose another port with {variable} (BALANCER_REUSE_PORT=on shares a port with a process of the same user that set SO_REUSEPORT too, such as another balancer in a seamless restart)"
                 )
             }
             StartupError::Bind(addr, e) => match e.raw_os_error() {
@@ -60,13 +61,20 @@ impl std::fmt::Display for StartupError {
     }
 }
 
+/// How long a connection that sends nothing waits in the kernel before a listener with
+/// `TCP_DEFER_ACCEPT` hands it over: that time counts toward its idle timeout.
+pub const DEFER_ACCEPT_SILENCE: Duration = Duration::from_secs(1);
+
 /// The shard's listener: `SO_REUSEPORT` so every shard (and a successor process during a
 /// restart) shares the port, and `SO_REUSEADDR` so the sockets this process leaves in
-/// TIME_WAIT do not block whoever binds the port next.
+/// TIME_WAIT do not block whoever binds the port next. With `defer_accept`, a connection is
+/// queued for accept only once its first bytes have arrived (`TCP_DEFER_ACCEPT`): the shard
+/// is not woken for the handshake's last ACK, and the (patched) glommio listener reads the
+/// request straight away instead of arming a poll for it first.
 #[allow(unsafe_code)]
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+pub fn bind(addr: SocketAddr, defer_accept: bool) -> io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
-    use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -82,6 +90,24 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     // (HAProxy's tcp-smart-accept); without a response within 40 ms it acknowledges anyway.
     // After listen(2), which resets the acknowledgement state.
     socket.set_quickack(false)?;
+    if defer_accept {
+        // In whole seconds; the kernel hands over a connection that has sent nothing after
+        // its first SYN-ACK retransmission (the initial RTO, 1 s), so it is not held for long.
+        let seconds = DEFER_ACCEPT_SILENCE.as_secs() as libc::c_int;
+        // SAFETY: a valid descriptor, and an option value of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                std::ptr::from_ref(&seconds).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     // SAFETY: `into_raw_fd` hands over sole ownership of a listening socket descriptor.
     Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
 }

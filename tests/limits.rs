@@ -207,6 +207,62 @@ fn a_connection_idle_before_its_first_request_is_closed_silently() {
     );
 }
 
+/// Whether the server side of a connection to `port` still waits in the kernel (SYN_RECV in
+/// /proc/net/tcp): with `TCP_DEFER_ACCEPT`, until its first bytes arrive.
+fn waits_in_the_kernel(port: u16) -> bool {
+    let local = format!(":{port:04X}");
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 3 && fields[1].ends_with(&local) && fields[3] == "03"
+    })
+}
+
+#[test]
+fn with_deferred_accept_a_silent_connection_still_closes_after_the_idle_timeout() {
+    let (_backend, balancer) = proxy(&[
+        ("CLIENT_IDLE_TIMEOUT", "2"),
+        ("BALANCER_DEFER_ACCEPT", "on"),
+    ]);
+    let connected = std::time::Instant::now();
+    let mut stream = connect(balancer.addr);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        waits_in_the_kernel(balancer.addr.port()),
+        "a connection that sent nothing is not handed over yet"
+    );
+    let got = read_until_closed(&mut stream, "a silent deferred connection");
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    // The second it spent in the kernel counts toward its idle time: about 2 s, not 3.
+    let took = connected.elapsed();
+    assert!(
+        (Duration::from_millis(1500)..Duration::from_millis(2800)).contains(&took),
+        "closed after {took:?}"
+    );
+}
+
+#[test]
+fn with_deferred_accept_requests_are_served_also_after_a_silence() {
+    let (backend, balancer) = proxy(&[("BALANCER_DEFER_ACCEPT", "on")]);
+    for i in 0..20 {
+        let resp = get(balancer.addr, &format!("/new/{i}"));
+        assert_eq!((resp.status, resp.text()), (200, format!("/new/{i}")));
+    }
+    // Handed over after the kernel's wait with nothing to read: the first read finds nothing
+    // and waits for the request like any other.
+    let mut stream = connect(balancer.addr);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!waits_in_the_kernel(balancer.addr.port()));
+    stream
+        .write_all(b"GET /late HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let got = read_until_closed(&mut stream, "a late request");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("/late"), "{text}");
+    assert_eq!(backend.requests(), 21);
+}
+
 #[test]
 fn an_idle_keep_alive_connection_is_closed_silently_after_a_request() {
     let (_backend, balancer) = proxy(&[("CLIENT_IDLE_TIMEOUT", "1")]);

@@ -548,6 +548,34 @@ where
     }
 }
 
+impl<S> GlommioStream<S, NonBuffered>
+where
+    S: AsRawFd + FromRawFd + From<socket2::Socket> + Unpin,
+{
+    /// balancer patch: a stream whose socket holds data already (accepted from a listener
+    /// with `TCP_DEFER_ACCEPT`): its first read is a recv(2) straight away, with no poll
+    /// armed first; should it find nothing, it arms one then.
+    pub(crate) unsafe fn from_raw_fd_readable(fd: RawFd) -> Self {
+        let socket = socket2::Socket::from_raw_fd(fd);
+        let reactor = crate::executor().reactor();
+        let stream = NonBufferedStream {
+            reactor: Rc::downgrade(&reactor),
+            stream: socket.into(),
+            source_tx: None,
+            source_rx: None,
+            write_timeout: Timeout::new(reactor.register_timer()),
+            read_timeout: Timeout::new(reactor.register_timer()),
+            rx_ready: Cell::new(true),
+            rx_hang_up: Cell::new(false),
+        };
+        GlommioStream {
+            stream,
+            rx_buf: NonBuffered,
+            rx_done: Cell::new(false),
+        }
+    }
+}
+
 impl<S> GlommioStream<S, NonBuffered> {
     pub(crate) fn buffered_with<B: Buffered>(self, rx_buf: B) -> GlommioStream<S, B> {
         GlommioStream {

@@ -79,8 +79,31 @@ pub struct TcpListener {
     listener: net::TcpListener,
     /// balancer patch: the descriptor was handed over already non-blocking.
     nonblocking: bool,
+    /// balancer patch: the listener has `TCP_DEFER_ACCEPT` set, so a connection is queued
+    /// for accept only once its first bytes have arrived.
+    deferred: bool,
     /// balancer patch: a multishot read poll of a non-blocking listener (see `shared_accept`).
     ready: RefCell<Option<Source>>,
+}
+
+/// balancer patch: the listener's `TCP_DEFER_ACCEPT` value (0 when unset or unknown).
+fn tcp_defer_accept(fd: RawFd) -> libc::c_int {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            &mut value as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        value
+    } else {
+        0
+    }
 }
 
 /// balancer patch: whether a listener has a connection queued, without waiting: a poll(2)
@@ -125,12 +148,14 @@ impl FromRawFd for TcpListener {
             .map(|flags| flags & libc::O_NONBLOCK != 0)
             .unwrap_or(false);
         let sk = Socket::from_raw_fd(fd);
+        let deferred = tcp_defer_accept(fd) > 0;
         let listener = sk.into();
 
         TcpListener {
             reactor: Rc::downgrade(&crate::executor().reactor()),
             listener,
             nonblocking,
+            deferred,
             ready: RefCell::new(None),
         }
     }
@@ -179,6 +204,7 @@ impl TcpListener {
             reactor: Rc::downgrade(&crate::executor().reactor()),
             listener,
             nonblocking: false,
+            deferred: false,
             ready: RefCell::new(None),
         })
     }
@@ -327,7 +353,15 @@ impl TcpListener {
     pub async fn accept_with_peer(&self) -> Result<(TcpStream, Option<SocketAddr>)> {
         let a = self.shared_accept().await?;
         let peer = a.peer;
-        Ok((a.bind_to_executor(), peer))
+        let stream = if self.deferred {
+            // Its first bytes are there already: the first read needs no poll.
+            TcpStream {
+                stream: unsafe { GlommioStream::from_raw_fd_readable(a.fd) },
+            }
+        } else {
+            a.bind_to_executor()
+        };
+        Ok((stream, peer))
     }
 
     /// Creates a stream of incoming connections
