@@ -43,7 +43,7 @@ impl std::error::Error for BodyError {}
 enum State {
     /// Reading the hex digits of a chunk size.
     Size { digits: u16, size: u64 },
-    /// After the digits: optional whitespace, then `;` or CR.
+    /// After the digits or a quoted extension value: optional whitespace, then `;` or CR.
     SizeWs { size: u64, line: usize },
     /// Skipping chunk extensions up to CR.
     Ext { size: u64, line: usize },
@@ -55,9 +55,6 @@ enum State {
         line: usize,
         escaped: bool,
     },
-    /// After a quoted extension value's closing quote: only whitespace, `;` or CR may
-    /// follow, so `a="b"c` cannot be read one way here and another by the backend.
-    ExtQuoteClosed { size: u64, line: usize },
     /// Size line's CR seen; LF must follow.
     SizeLf { size: u64 },
     /// Inside chunk data.
@@ -208,7 +205,9 @@ fn step(state: State, b: u8, trailer_bytes: &mut usize) -> Result<State, BodyErr
             escaped,
         } => match b {
             _ if is_ctl(b) => return Err(BodyError::BadChunkSize),
-            b'"' if !escaped => State::ExtQuoteClosed {
+            // Only whitespace, `;` or the line's end may follow, as after the size: `a="b"c`
+            // must not be read one way here and another by the backend.
+            b'"' if !escaped => State::SizeWs {
                 size,
                 line: bounded(line)?,
             },
@@ -217,18 +216,6 @@ fn step(state: State, b: u8, trailer_bytes: &mut usize) -> Result<State, BodyErr
                 line: bounded(line)?,
                 escaped: !escaped && b == b'\\',
             },
-        },
-        State::ExtQuoteClosed { size, line } => match b {
-            b'\r' => State::SizeLf { size },
-            b' ' | b'\t' => State::ExtQuoteClosed {
-                size,
-                line: bounded(line)?,
-            },
-            b';' => State::Ext {
-                size,
-                line: bounded(line)?,
-            },
-            _ => return Err(BodyError::BadChunkSize),
         },
         State::SizeLf { size } => match (b, size) {
             (b'\n', 0) => State::TrailerStart,
