@@ -52,8 +52,9 @@ pub struct Pick {
     pub index: usize,
     pub generation: u64,
     pub backend: Backend,
-    /// The server was ejected when picked: panic mode sent the request anyway.
-    pub ejected: bool,
+    /// The end of the server's ejection when it was picked (panic mode sent the request
+    /// anyway), which identifies that ejection; `None` when it was not ejected.
+    pub ejected_until: Option<Instant>,
 }
 
 /// Passive-health state of one server.
@@ -264,11 +265,16 @@ impl Balancer {
             return false;
         };
         let before = self.health[index];
+        let same_ejection =
+            matches!(before, Health::Ejected { until, .. } if pick.ejected_until == Some(until));
         let (next, changed) = match (before, outcome) {
             // Panic mode sent this request to an ejected server, so its answer is news: a
-            // success clears the ejection (SPEC §5), and panic mode ends as soon as one
+            // success clears that ejection (SPEC §5), and panic mode ends as soon as one
             // server answers again rather than when its ejection runs out.
-            (Health::Ejected { .. }, Outcome::Success) if pick.ejected => (Health::FRESH, true),
+            (_, Outcome::Success) if same_ejection => (Health::FRESH, true),
+            // Picked under an ejection that has ended since: a late answer to it is old news,
+            // which must neither end a later ejection nor cut a probation short.
+            _ if pick.ejected_until.is_some() && !same_ejection => (before, false),
             _ => before.after(outcome, now),
         };
         self.health[index] = next;
@@ -315,7 +321,10 @@ impl Balancer {
             index,
             generation: self.generation,
             backend: self.backends[index].clone(),
-            ejected: self.health[index].is_ejected(),
+            ejected_until: match self.health[index] {
+                Health::Ejected { until, .. } => Some(until),
+                _ => None,
+            },
         }
     }
 
@@ -703,7 +712,7 @@ mod tests {
         fail(&mut b, 1, 3, start);
         assert!(b.panic_mode());
         let in_panic = pick_of(&b, 1);
-        assert!(in_panic.ejected);
+        assert!(in_panic.ejected_until.is_some());
         // A failure of a panic pick does not extend the ejection; a success ends it.
         assert!(!b.record(&pick_of(&b, 0), Outcome::Failure, start + SECOND));
         assert!(b.record(&in_panic, Outcome::Success, start + SECOND));
@@ -713,6 +722,29 @@ mod tests {
         assert_eq!(counts(&b, 1_000, |_| true), [0, 1_000]);
         b.rebuild(start + 5 * SECOND);
         assert!(!b.is_ejected(0), "server 0's period was not extended");
+    }
+
+    #[test]
+    fn a_late_answer_to_a_panic_pick_says_nothing_about_a_later_state() {
+        let start = Instant::now();
+        let mut b = balancer(&[1.0, 1.0], start);
+        fail(&mut b, 0, 3, start);
+        fail(&mut b, 1, 3, start);
+        let old_pick = pick_of(&b, 0);
+        // Server 0's ejection runs out; it fails in probation and is ejected again (10 s).
+        b.rebuild(start + 5 * SECOND);
+        assert!(!b.is_ejected(0));
+        assert!(b.record(&pick_of(&b, 0), Outcome::Failure, start + 6 * SECOND));
+        assert!(b.is_ejected(0));
+        // The request picked under the first ejection succeeds late: the second one stays.
+        assert!(!b.record(&old_pick, Outcome::Success, start + 7 * SECOND));
+        assert!(b.is_ejected(0));
+        b.rebuild(start + 16 * SECOND);
+        assert!(!b.is_ejected(0), "ended at its own time");
+        // In probation now: a late failure of the old pick does not eject it again.
+        assert!(!b.record(&old_pick, Outcome::Failure, start + 17 * SECOND));
+        assert!(!b.is_ejected(0));
+        assert!(b.record(&pick_of(&b, 0), Outcome::Success, start + 17 * SECOND));
     }
 
     #[test]
