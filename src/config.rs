@@ -9,7 +9,7 @@
 //! environment (linkerd's seam).
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 mod cpus;
@@ -454,11 +454,13 @@ impl<'a> Draft<'a> {
         if config.agent.is_none() && config.backends.is_none() {
             return Err(ConfigError::NoBackendSource);
         }
-        // `::ffff:127.0.0.1` is loopback too: the kernel delivers 127.0.0.1 connections to it.
+        // The admin listener is on 127.0.0.1: an HTTP listener on every address takes that
+        // one too, and so does `::ffff:127.0.0.1` (the kernel delivers 127.0.0.1 to it);
+        // `::1` or 127.0.0.2 is another address.
         let bind = config.bind.to_canonical();
-        let overlaps_loopback = bind.is_unspecified() || bind.is_loopback();
+        let meets_admin = bind.is_unspecified() || bind == Ipv4Addr::LOCALHOST;
         if let Some(port) = config.admin_port {
-            if port != 0 && port == config.http_port && overlaps_loopback {
+            if port != 0 && port == config.http_port && meets_admin {
                 return Err(ConfigError::Invalid {
                     var: "ADMIN_PORT",
                     value: port.to_string(),
@@ -770,7 +772,6 @@ mod tests {
             "0.0.0.0",
             "127.0.0.1",
             "::",
-            "::1",
             "::ffff:127.0.0.1",
             "::ffff:0.0.0.0",
         ] {
@@ -795,7 +796,9 @@ mod tests {
                 ("ADMIN_PORT", port),
             ])
         };
-        assert!(apart("10.0.0.5", "9000").is_ok(), "different addresses");
+        for bind in ["10.0.0.5", "::1", "127.0.0.2", "::ffff:127.0.0.2"] {
+            assert!(apart(bind, "9000").is_ok(), "{bind} is another address");
+        }
         assert!(apart("127.0.0.1", "0").is_ok(), "0 picks two free ports");
     }
 
