@@ -45,8 +45,8 @@ enum State {
     Size { digits: u16, size: u64 },
     /// After the digits or a quoted extension value: optional whitespace, then `;` or CR.
     SizeWs { size: u64, line: usize },
-    /// Skipping chunk extensions up to CR.
-    Ext { size: u64, line: usize },
+    /// Inside a chunk extension, at `at`.
+    Ext { size: u64, line: usize, at: ExtAt },
     /// Inside a quoted extension value (`escaped`: after a backslash), which must close
     /// before the line ends: a backend reading it as going on past the CRLF would take the
     /// chunk's data for more extension.
@@ -75,6 +75,51 @@ enum State {
     EndLf,
     /// The body is complete.
     Done,
+}
+
+/// Where in a chunk extension (RFC 9112 §7.1.1): `;` BWS name [ BWS `=` BWS value ], the
+/// value a token or a quoted string. Checked strictly: a quote or a space where the grammar
+/// has none is where two parsers can split an extension differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExtAt {
+    /// After `;`.
+    NameStart,
+    Name,
+    /// Whitespace after the name.
+    AfterName,
+    /// After `=`.
+    ValueStart,
+    /// Inside a token value.
+    Token,
+}
+
+/// What a byte of a chunk extension leads to.
+enum ExtStep {
+    At(ExtAt),
+    /// A quoted value opens.
+    Quoted,
+    /// Whitespace after a token value: only `;` or the line's end may follow.
+    Gap,
+    /// The size line's CR.
+    LineEnd,
+}
+
+fn ext_step(at: ExtAt, b: u8) -> Option<ExtStep> {
+    use ExtAt::{AfterName, Name, NameStart, Token, ValueStart};
+    let ws = b == b' ' || b == b'\t';
+    Some(match (at, b) {
+        (NameStart | ValueStart, _) if ws => ExtStep::At(at),
+        (NameStart, _) if is_token(b) => ExtStep::At(Name),
+        (Name | Token, _) if is_token(b) => ExtStep::At(at),
+        (Name | AfterName, _) if ws => ExtStep::At(AfterName),
+        (Name | AfterName, b'=') => ExtStep::At(ValueStart),
+        (ValueStart, b'"') => ExtStep::Quoted,
+        (ValueStart, _) if is_token(b) => ExtStep::At(Token),
+        (Token, _) if ws => ExtStep::Gap,
+        (Name | AfterName | Token, b';') => ExtStep::At(NameStart),
+        (Name | AfterName | Token, b'\r') => ExtStep::LineEnd,
+        _ => return None,
+    })
 }
 
 /// Incremental decoder of a chunked body (RFC 9112 §7.1); input may be split anywhere.
@@ -169,7 +214,11 @@ fn step(state: State, b: u8, trailer_bytes: &mut usize) -> Result<State, BodyErr
             },
             _ if digits == 0 => return Err(BodyError::BadChunkSize),
             (None, b' ' | b'\t') => State::SizeWs { size, line: 1 },
-            (None, b';') => State::Ext { size, line: 1 },
+            (None, b';') => State::Ext {
+                size,
+                line: 1,
+                at: ExtAt::NameStart,
+            },
             (None, b'\r') => State::SizeLf { size },
             _ => return Err(BodyError::BadChunkSize),
         },
@@ -181,23 +230,27 @@ fn step(state: State, b: u8, trailer_bytes: &mut usize) -> Result<State, BodyErr
             b';' => State::Ext {
                 size,
                 line: bounded(line)?,
+                at: ExtAt::NameStart,
             },
             b'\r' => State::SizeLf { size },
             _ => return Err(BodyError::BadChunkSize),
         },
-        State::Ext { size, line } => match b {
-            b'\r' => State::SizeLf { size },
-            b'"' => State::ExtQuoted {
+        State::Ext { size, line, at } => match ext_step(at, b).ok_or(BodyError::BadChunkSize)? {
+            ExtStep::At(at) => State::Ext {
+                size,
+                line: bounded(line)?,
+                at,
+            },
+            ExtStep::Quoted => State::ExtQuoted {
                 size,
                 line: bounded(line)?,
                 escaped: false,
             },
-            // Control characters other than HTAB have no place in an extension (RFC 9112 §7.1.1).
-            _ if is_ctl(b) => return Err(BodyError::BadChunkSize),
-            _ => State::Ext {
+            ExtStep::Gap => State::SizeWs {
                 size,
                 line: bounded(line)?,
             },
+            ExtStep::LineEnd => State::SizeLf { size },
         },
         State::ExtQuoted {
             size,
@@ -354,6 +407,8 @@ mod tests {
             (b"5;a=\"q\\\"uote\\\\\";b\r\nhello\r\n0\r\n\r\n", b"hello"),
             (b"5;a=\"\t\"\r\nhello\r\n0\r\n\r\n", b"hello"),
             (b"5;a=\"b\" ; c=\"d\"\t\r\nhello\r\n0\r\n\r\n", b"hello"),
+            (b"5 ; a = b ;c;d=\"\" \r\nhello\r\n0\r\n\r\n", b"hello"),
+            (b"5;a=\"\\\"x\\\"\"\r\nhello\r\n0\r\n\r\n", b"hello"),
             (b"5\t \r\nhello\r\n0\r\n\r\n", b"hello"),
             (
                 b"5\r\nhello\r\n0\r\nExpires: never\r\nX-Sum: abc\r\n\r\n",
@@ -396,6 +451,16 @@ mod tests {
             // After the closing quote only whitespace, `;` or the line's end may come.
             (b"5;a=\"b\"x\r\nhello\r\n", BodyError::BadChunkSize),
             (b"5;a=\"b\" \"c\"\r\nhello\r\n", BodyError::BadChunkSize),
+            // A quote, `=` or a space where the grammar has none: two parsers could split it
+            // differently.
+            (b"5;a=b\"c\"\r\nhello\r\n", BodyError::BadChunkSize),
+            (b"5;a=b \"c\"\r\nhello\r\n", BodyError::BadChunkSize),
+            (b"5;a \"c\"\r\nhello\r\n", BodyError::BadChunkSize),
+            (b"5;\"a\"\r\nhello\r\n", BodyError::BadChunkSize),
+            (b"5;=x\r\nhello\r\n", BodyError::BadChunkSize),
+            (b"5;a=b c\r\nhello\r\n", BodyError::BadChunkSize),
+            (b"5;a=\r\nhello\r\n", BodyError::BadChunkSize),
+            (b"5;\r\nhello\r\n", BodyError::BadChunkSize),
             (b"10000000000000000\r\n", BodyError::BadChunkSize),
             (b"5\r\nhelloX\r\n0\r\n\r\n", BodyError::BadChunkTerminator),
             (b"5\r\nhello\n0\r\n\r\n", BodyError::BadChunkTerminator),
