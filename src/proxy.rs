@@ -180,19 +180,17 @@ async fn read_head(
                 _ => return HeadRead::Closed,
             }
         } else {
-            let idle_until = *idle_deadline.get_or_insert_with(|| {
-                // A deferred connection with nothing to read yet has been silent for about
-                // a second already, in the kernel (see `startup::bind`): that counts too.
-                let silent_before = match first && config.defer_accept {
-                    true => DEFER_ACCEPT_SILENCE,
-                    false => Duration::ZERO,
-                };
-                glommio::timer::now() + config.client_idle_timeout.saturating_sub(silent_before)
-            });
+            // A deferred connection with nothing to read yet has been silent for about a
+            // second already, in the kernel (see `startup::bind`): that counts too.
+            let silent_before = match first && config.defer_accept {
+                true => DEFER_ACCEPT_SILENCE,
+                false => Duration::ZERO,
+            };
+            let idle = config.client_idle_timeout.saturating_sub(silent_before);
+            let idle_until = *idle_deadline.get_or_insert_with(|| glommio::timer::now() + idle);
             // A busy connection's next request comes soon: wait for it with the buffer ready.
             // At least a moment, so that bytes already there are still read.
-            let left = idle_until.saturating_duration_since(glommio::timer::now());
-            let grace = left.min(IDLE_WITH_BUFFER).max(Duration::from_millis(1));
+            let grace = idle.min(IDLE_WITH_BUFFER).max(Duration::from_millis(1));
             client.set_read_timeout(Some(grace));
             let read = shard
                 .shutdown
