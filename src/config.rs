@@ -389,7 +389,7 @@ impl Config {
             "cpus={} http={} admin={admin} agent={agent} backends={backends} target_port={} \
              cache_capacity={} cache_ttl={:?} cache_max_object_bytes={} request_timeout={:?} \
              client_header_timeout={:?} client_idle_timeout={:?} agent_backoff_max={:?} \
-             log={}",
+             log={}{}{}",
             format_cpu_list(&self.cpus),
             SocketAddr::new(self.bind, self.http_port),
             self.target_port,
@@ -401,6 +401,17 @@ impl Config {
             self.client_idle_timeout,
             self.agent_backoff_max,
             self.log_filter,
+            // The two switches away from the defaults are named only when on.
+            if self.reuse_port {
+                " reuse_port=on"
+            } else {
+                ""
+            },
+            if self.defer_accept {
+                " defer_accept=on"
+            } else {
+                ""
+            },
         )
     }
 }
@@ -1071,6 +1082,14 @@ mod tests {
             "{summary}"
         );
         assert!(summary.contains("request_timeout=30s"), "{summary}");
+        assert!(!summary.contains("defer_accept"), "{summary}");
+        let deferred =
+            parse(&[("BACKENDS", "[]"), ("BALANCER_DEFER_ACCEPT", "on")]).expect("valid");
+        assert!(
+            deferred.summary().ends_with(" log=info defer_accept=on"),
+            "{}",
+            deferred.summary()
+        );
     }
 
     #[test]
