@@ -28,6 +28,10 @@ use crate::shard::Shard;
 use crate::startup::DEFER_ACCEPT_SILENCE;
 use crate::stream::Conn;
 
+/// A client that stopped sending its request body for CLIENT_IDLE_TIMEOUT is told so, as
+/// NGINX's `client_body_timeout` does, rather than left to find its connection closed.
+pub const BODY_TIMED_OUT: Failure = Failure::ClientStatus(408);
+
 /// Initial receive buffer of a client connection; grows only for large heads.
 pub const CLIENT_BUFFER: usize = 16 * 1024;
 /// A head may fill the buffer up to the head limit plus room to detect going over it.
@@ -326,6 +330,10 @@ async fn handle_request(
                     client.consume(n as usize);
                     BodyPlan::Buffered
                 }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    respond_error(shard, client, 408, head.is_head, started).await;
+                    return Next::Linger;
+                }
                 Err(_) => return Next::Close,
             }
         }
@@ -531,6 +539,7 @@ async fn read_chunked_whole(
         let limit = head_len + REPLAYABLE_BODY as usize + CLIENT_BUFFER;
         match client.fill(limit).await {
             Ok(n) if n > 0 => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(BODY_TIMED_OUT),
             _ => return Err(Failure::Client),
         }
     }

@@ -264,6 +264,38 @@ fn with_deferred_accept_requests_are_served_also_after_a_silence() {
 }
 
 #[test]
+fn a_client_that_stops_sending_its_body_gets_408() {
+    let (backend, balancer) = proxy(&[("CLIENT_IDLE_TIMEOUT", "1")]);
+    let stalled: [(&str, Vec<u8>); 3] = [
+        // Small enough to be read whole before it is forwarded.
+        (
+            "content-length",
+            b"POST /cl HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n0123456789".to_vec(),
+        ),
+        (
+            "chunked",
+            b"POST /chunked HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+                .to_vec(),
+        ),
+        // Large: streamed to the backend as it comes.
+        ("streamed", {
+            let mut raw =
+                b"POST /big HTTP/1.1\r\nHost: test\r\nContent-Length: 10000000\r\n\r\n".to_vec();
+            raw.extend(std::iter::repeat_n(b'x', 200_000));
+            raw
+        }),
+    ];
+    for (what, raw) in stalled {
+        let mut stream = connect(balancer.addr);
+        stream.write_all(&raw).unwrap();
+        let got = read_until_closed(&mut stream, what);
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 408"), "{what}: {text}");
+    }
+    assert_eq!(backend.requests(), 0, "no request completed at the backend");
+}
+
+#[test]
 fn an_idle_keep_alive_connection_is_closed_silently_after_a_request() {
     let (_backend, balancer) = proxy(&[("CLIENT_IDLE_TIMEOUT", "1")]);
     let (mut writer, mut reader) = open(&balancer);

@@ -197,6 +197,9 @@ pub async fn forward_body(
         match waited {
             None => {}
             Some(Ok(n)) if n > 0 => {}
+            Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(crate::proxy::BODY_TIMED_OUT)
+            }
             Some(_) => return Err(Failure::Client),
         }
     }
