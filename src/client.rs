@@ -65,12 +65,7 @@ impl UpstreamError {
 
     /// Maps an I/O error on an established connection to its kind.
     pub fn from_io(err: &io::Error, reused: bool, request_sent: bool) -> Self {
-        let kind = if err.kind() == io::ErrorKind::TimedOut {
-            ErrorKind::Timeout
-        } else {
-            ErrorKind::Reset
-        };
-        UpstreamError::new(kind, reused, request_sent, err)
+        UpstreamError::new(ErrorKind::of_io(err), reused, request_sent, err)
     }
 }
 

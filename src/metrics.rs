@@ -32,6 +32,16 @@ impl ErrorKind {
         ErrorKind::BadResponse,
     ];
 
+    /// The kind of an I/O error on an established backend connection: a timeout, or
+    /// anything else, which the connection cannot recover from (a reset).
+    pub fn of_io(err: &std::io::Error) -> ErrorKind {
+        if err.kind() == std::io::ErrorKind::TimedOut {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Reset
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             ErrorKind::Connect => "connect",
@@ -438,6 +448,27 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_io_error_is_a_timeout_or_a_reset() {
+        use std::io::{Error, ErrorKind as Io};
+        assert_eq!(
+            ErrorKind::of_io(&Error::from(Io::TimedOut)),
+            ErrorKind::Timeout
+        );
+        for other in [
+            Io::ConnectionReset,
+            Io::BrokenPipe,
+            Io::UnexpectedEof,
+            Io::Other,
+        ] {
+            assert_eq!(
+                ErrorKind::of_io(&Error::from(other)),
+                ErrorKind::Reset,
+                "{other:?}"
+            );
+        }
+    }
 
     #[test]
     fn request_counts_merge_over_shards_by_code() {

@@ -28,9 +28,15 @@ use crate::shard::Shard;
 use crate::startup::DEFER_ACCEPT_SILENCE;
 use crate::stream::Conn;
 
-/// A client that stopped sending its request body for CLIENT_IDLE_TIMEOUT is told so, as
-/// NGINX's `client_body_timeout` does, rather than left to find its connection closed.
-pub const BODY_TIMED_OUT: Failure = Failure::ClientStatus(408);
+/// What a read of the client's request body that brought nothing means: a client silent for
+/// CLIENT_IDLE_TIMEOUT is told so with 408, as NGINX's `client_body_timeout` does, rather than
+/// left to find its connection closed; a client that closed or failed is gone.
+pub fn body_read_failure(read: io::Result<usize>) -> Failure {
+    match read {
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => Failure::ClientStatus(408),
+        _ => Failure::Client,
+    }
+}
 
 /// Initial receive buffer of a client connection; grows only for large heads.
 pub const CLIENT_BUFFER: usize = 16 * 1024;
@@ -330,8 +336,8 @@ async fn handle_request(
                     client.consume(n as usize);
                     BodyPlan::Buffered
                 }
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    respond_error(shard, client, 408, head.is_head, started).await;
+                Err(Failure::ClientStatus(status)) => {
+                    respond_error(shard, client, status, head.is_head, started).await;
                     return Next::Linger;
                 }
                 Err(_) => return Next::Close,
@@ -505,11 +511,12 @@ async fn read_body_whole(
     client: &mut Conn,
     head_len: usize,
     len: usize,
-) -> io::Result<()> {
+) -> Result<(), Failure> {
     client.set_read_timeout(Some(shard.config.client_idle_timeout));
     while client.pending().len() < head_len + len {
-        if client.fill(head_len + len + CLIENT_BUFFER).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+        match client.fill(head_len + len + CLIENT_BUFFER).await {
+            Ok(n) if n > 0 => {}
+            read => return Err(body_read_failure(read)),
         }
     }
     Ok(())
@@ -539,8 +546,7 @@ async fn read_chunked_whole(
         let limit = head_len + REPLAYABLE_BODY as usize + CLIENT_BUFFER;
         match client.fill(limit).await {
             Ok(n) if n > 0 => {}
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(BODY_TIMED_OUT),
-            _ => return Err(Failure::Client),
+            read => return Err(body_read_failure(read)),
         }
     }
 }

@@ -1,7 +1,6 @@
 //! The request body on its way to the backend, and what the backend says before it is all
 //! sent: `100 Continue`, other interim answers, or a final answer given early.
 
-use std::io;
 use std::time::Duration;
 
 use super::{
@@ -161,12 +160,7 @@ pub async fn forward_body(
                         if matches!(upstream.conn.try_fill(), Ok(Some(n)) if n > 0) {
                             return Ok(BodyForwarded::AnsweredEarly);
                         }
-                        let kind = if e.kind() == io::ErrorKind::TimedOut {
-                            ErrorKind::Timeout
-                        } else {
-                            ErrorKind::Reset
-                        };
-                        return Err(upstream_failure(kind, upstream, e));
+                        return Err(upstream_failure(ErrorKind::of_io(&e), upstream, e));
                     }
                 }
             }
@@ -197,10 +191,7 @@ pub async fn forward_body(
         match waited {
             None => {}
             Some(Ok(n)) if n > 0 => {}
-            Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                return Err(crate::proxy::BODY_TIMED_OUT)
-            }
-            Some(_) => return Err(Failure::Client),
+            Some(read) => return Err(crate::proxy::body_read_failure(read)),
         }
     }
 }

@@ -156,10 +156,7 @@ pub(super) async fn stream_body(
             match upstream.conn.fill(crate::client::UPSTREAM_BUFFER).await {
                 Ok(0) => break Ok(BodyEnd::Complete),
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    break Ok(BodyEnd::Failed(ErrorKind::Timeout))
-                }
-                Err(_) => break Ok(BodyEnd::Failed(ErrorKind::Reset)),
+                Err(e) => break Ok(BodyEnd::Failed(ErrorKind::of_io(&e))),
             }
         },
     }
@@ -293,7 +290,6 @@ async fn refill(upstream: &mut Upstream) -> Option<ErrorKind> {
     match upstream.conn.fill(crate::client::UPSTREAM_BUFFER).await {
         Ok(0) => Some(ErrorKind::Reset),
         Ok(_) => None,
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => Some(ErrorKind::Timeout),
-        Err(_) => Some(ErrorKind::Reset),
+        Err(e) => Some(ErrorKind::of_io(&e)),
     }
 }
