@@ -80,7 +80,7 @@ log() { echo "loadtest: $*" >&2; }
 REPS=3 DURATION=5 WARMUP=1 CONNS=64 MAX_NOISE=10 PROXY_CPU=0 LOAD_CPU=1 PORT=8080
 ORIGIN_PORT1=9001 ORIGIN_PORT2=9002
 SCENARIOS=small,big,close,css PROXIES=balancer,haproxy,nginx
-OUT= BUILD=0 KEEP_TMP=0 BALANCER_BIN= INSTRUCTIONS=0 SUMMARIZE= DEFER_ACCEPT=1
+OUT= BUILD=0 KEEP_TMP=0 BALANCER_BIN= INSTRUCTIONS=0 SUMMARIZE= DEFER_ACCEPT=on
 while (($#)); do
     case $1 in
         --reps) REPS=${2:?--reps needs a value}; shift 2 ;;
@@ -94,7 +94,7 @@ while (($#)); do
         --load-cpu) LOAD_CPU=${2:?--load-cpu needs a value}; shift 2 ;;
         --port) PORT=${2:?--port needs a value}; shift 2 ;;
         --out) OUT=${2:?--out needs a value}; shift 2 ;;
-        --no-defer-accept) DEFER_ACCEPT=0; shift ;;
+        --no-defer-accept) DEFER_ACCEPT=off; shift ;;
         --max-noise) MAX_NOISE=${2:?--max-noise needs a value}; shift 2 ;;
         --build) BUILD=1; shift ;;
         --balancer-bin) BALANCER_BIN=${2:?--balancer-bin needs a value}; shift 2 ;;
@@ -105,6 +105,10 @@ while (($#)); do
         *) usage >&2; die "unknown option: $1" ;;
     esac
 done
+
+# The peers' spelling of deferred accept, on their listen lines.
+NGINX_DEFER= HAPROXY_DEFER=
+[[ $DEFER_ACCEPT == on ]] && NGINX_DEFER=' deferred' HAPROXY_DEFER=' defer-accept'
 
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 for v in REPS DURATION CONNS PROXY_CPU LOAD_CPU PORT; do
@@ -540,7 +544,7 @@ http {
         keepalive_timeout 75s;
     }
     server {
-        listen 127.0.0.1:$PORT reuseport backlog=4096$( ((DEFER_ACCEPT)) && echo ' deferred' || true);
+        listen 127.0.0.1:$PORT reuseport backlog=4096$NGINX_DEFER;
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_set_header Host \$http_host;
@@ -593,7 +597,7 @@ defaults
 
 $cache_sec
 frontend fe
-    bind 127.0.0.1:$PORT$( ((DEFER_ACCEPT)) && echo ' defer-accept' || true)
+    bind 127.0.0.1:$PORT$HAPROXY_DEFER
     default_backend origins
 
 backend origins
@@ -615,7 +619,7 @@ start_balancer() {
     local cpus=$1 logf=$2 i
     BACKENDS=$BACKENDS_JSON HOST_PORT_HTTP_BALANCER=$PORT BALANCER_BIND=127.0.0.1 \
         BALANCER_CPUS=$cpus ADMIN_PORT=0 CACHE_CAPACITY=10000 RUST_LOG=warn,balancer=info \
-        BALANCER_DEFER_ACCEPT=$( ((DEFER_ACCEPT)) && echo on || echo off) \
+        BALANCER_DEFER_ACCEPT=$DEFER_ACCEPT \
         start_bg "$cpus" "$logf" "${BALANCER_WRAP[@]}" "$BALANCER_BIN"
     ADMIN_ADDR=
     for ((i = 0; i < 300; i++)); do
@@ -873,11 +877,11 @@ record() {
 if ((INSTRUCTIONS)); then
     say "# loadtest --instructions $(date -u +%Y-%m-%dT%H:%M:%SZ) duration=${DURATION}s" \
         "warmup=${WARMUP}s conns=$CONNS scenarios=$SCENARIOS proxy_cpu=$PROXY_CPU load_cpu=$LOAD_CPU" \
-        "defer_accept=$( ((DEFER_ACCEPT)) && echo on || echo off)"
+        "defer_accept=$DEFER_ACCEPT"
 else
     say "# loadtest $(date -u +%Y-%m-%dT%H:%M:%SZ) reps=$REPS duration=${DURATION}s warmup=${WARMUP}s" \
         "conns=$CONNS scenarios=$SCENARIOS proxies=$PROXIES proxy_cpu=$PROXY_CPU load_cpu=$LOAD_CPU" \
-        "defer_accept=$( ((DEFER_ACCEPT)) && echo on || echo off)"
+        "defer_accept=$DEFER_ACCEPT"
 fi
 say "# $(uname -sr); $(nproc) CPUs ($(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo));" \
     "loadavg $(cut -d' ' -f1-3 /proc/loadavg)"

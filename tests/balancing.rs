@@ -247,19 +247,6 @@ fn in_panic_mode_the_first_success_ends_that_servers_ejection() {
     );
 }
 
-/// Reads a request head (no body); false at the end of the connection.
-fn read_request_head(reader: &mut impl std::io::BufRead) -> bool {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return false,
-            Ok(_) if line == "\r\n" => return true,
-            Ok(_) => {}
-        }
-    }
-}
-
 /// A backend that answers each request on a connection only once `go` is set, and records
 /// when the balancer closes a connection to it.
 fn gated_backend(go: Arc<AtomicBool>, closed: Arc<AtomicUsize>) -> RawBackend {
@@ -268,7 +255,7 @@ fn gated_backend(go: Arc<AtomicBool>, closed: Arc<AtomicUsize>) -> RawBackend {
         let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
         let mut reader = BufReader::new(conn.try_clone().expect("clone"));
         let mut writer = conn;
-        while read_request_head(&mut reader) {
+        while read_request(&mut reader).is_some() {
             while !go.load(SeqCst) {
                 std::thread::sleep(Duration::from_millis(5));
             }

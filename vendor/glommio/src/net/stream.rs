@@ -512,6 +512,19 @@ where
     S: AsRawFd + From<socket2::Socket> + Unpin,
 {
     fn from(socket: socket2::Socket) -> Self {
+        GlommioStream::with_socket(socket, false)
+    }
+}
+
+impl<S> GlommioStream<S, NonBuffered>
+where
+    S: AsRawFd + From<socket2::Socket>,
+{
+    /// balancer patch: `readable` for a socket that holds data already (accepted from a
+    /// listener with `TCP_DEFER_ACCEPT`): its first read is a recv(2) straight away, with no
+    /// poll armed first; should it find nothing, it arms one then. Otherwise a poll is armed
+    /// now, for the first read.
+    fn with_socket(socket: socket2::Socket, readable: bool) -> Self {
         let reactor = crate::executor().reactor();
         let mut stream = NonBufferedStream {
             reactor: Rc::downgrade(&reactor),
@@ -520,10 +533,12 @@ where
             source_rx: None,
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
-            rx_ready: Cell::new(false),
+            rx_ready: Cell::new(readable),
             rx_hang_up: Cell::new(false),
         };
-        stream.init();
+        if !readable {
+            stream.init();
+        }
         GlommioStream {
             stream,
             rx_buf: NonBuffered,
@@ -552,27 +567,9 @@ impl<S> GlommioStream<S, NonBuffered>
 where
     S: AsRawFd + FromRawFd + From<socket2::Socket> + Unpin,
 {
-    /// balancer patch: a stream whose socket holds data already (accepted from a listener
-    /// with `TCP_DEFER_ACCEPT`): its first read is a recv(2) straight away, with no poll
-    /// armed first; should it find nothing, it arms one then.
+    /// balancer patch: a stream whose socket holds data already (see `with_socket`).
     pub(crate) unsafe fn from_raw_fd_readable(fd: RawFd) -> Self {
-        let socket = socket2::Socket::from_raw_fd(fd);
-        let reactor = crate::executor().reactor();
-        let stream = NonBufferedStream {
-            reactor: Rc::downgrade(&reactor),
-            stream: socket.into(),
-            source_tx: None,
-            source_rx: None,
-            write_timeout: Timeout::new(reactor.register_timer()),
-            read_timeout: Timeout::new(reactor.register_timer()),
-            rx_ready: Cell::new(true),
-            rx_hang_up: Cell::new(false),
-        };
-        GlommioStream {
-            stream,
-            rx_buf: NonBuffered,
-            rx_done: Cell::new(false),
-        }
+        GlommioStream::with_socket(socket2::Socket::from_raw_fd(fd), true)
     }
 }
 
