@@ -132,20 +132,43 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>
 #[derive(serde::Deserialize)]
 struct TypedSnapshot<'a> {
     #[serde(borrow)]
-    servers: Vec<TypedEntry<'a>>,
+    servers: Vec<ObjectOnly<TypedEntry<'a>>>,
+}
+
+/// A derived struct deserializer also takes a JSON array of its fields in order, so `[[]]`
+/// would read as a snapshot with no servers and `[["h", 80, 1]]` as an entry. The protocol's
+/// entries and snapshots are objects only: anything else leaves the fast path, and the tree
+/// rejects it.
+struct ObjectOnly<T>(T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<T, M::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+            .map(ObjectOnly)
+    }
 }
 
 /// The fast path: `Some` only for a snapshot that is valid in every respect.
 fn parse_typed(text: &str, default_port: u16) -> Option<ServerSet> {
-    let entries: Vec<TypedEntry> = serde_json::from_str(text)
-        .or_else(|_| serde_json::from_str::<TypedSnapshot>(text).map(|s| s.servers))
+    let entries: Vec<ObjectOnly<TypedEntry>> = serde_json::from_str(text)
+        .or_else(|_| serde_json::from_str::<ObjectOnly<TypedSnapshot>>(text).map(|s| s.0.servers))
         .ok()?;
     if entries.len() > MAX_SERVERS {
         return None;
     }
     let mut servers = Vec::with_capacity(entries.len());
     let mut seen = HashSet::with_capacity(entries.len());
-    for entry in entries {
+    for ObjectOnly(entry) in entries {
         let host = normalize_host(&entry.host)?;
         let port = match entry.port {
             None => default_port,
@@ -477,6 +500,11 @@ mod tests {
             ("servers not an array", r#"{"servers":{}}"#, "not a server snapshot: expected a json array or an object with a \"servers\" array"),
             ("entry not an object", r#"[{"host":"a","score":1},42]"#, "entry 1: value 42: must be an object"),
             ("entry is a string", r#"["10.0.0.1:80"]"#, "entry 0: value \"10.0.0.1:80\": must be an object"),
+            // serde's derived structs also read arrays of their fields: neither form may pass.
+            ("entry is an empty array", "[[]]", "entry 0: value []: must be an object"),
+            ("entry is an array of fields", r#"[["10.0.0.1",80,1]]"#, "entry 0: value [\"10.0.0.1\",80,1]: must be an object"),
+            ("snapshot entry is an array of fields", r#"{"servers":[["10.0.0.1",80,1]]}"#, "entry 0: value [\"10.0.0.1\",80,1]: must be an object"),
+            ("entry is an array holding an entry", r#"[[{"host":"a","score":1}]]"#, "entry 0: value [{\"host\":\"a\",\"score\":1}]: must be an object"),
             ("missing host", r#"[{"score":1}]"#, "entry 0: field host: value missing: is required"),
             ("empty host", r#"[{"host":"","score":1}]"#, "entry 0: field host: value \"\": must not be empty"),
             ("numeric host", r#"[{"host":10,"score":1}]"#, "entry 0: field host: value 10: must be a string"),
