@@ -83,6 +83,11 @@ pub fn bind(port: u16) -> io::Result<TcpListener> {
 
 /// Most admin connections served at once; past it a new one gets a 503 at once.
 const MAX_CONNECTIONS: usize = 32;
+/// Most refused connections lingering at once (see `refuse`); past it a refusal closes at once.
+const MAX_REFUSING: usize = 32;
+/// How long a refused connection is given to finish sending and close.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+const REFUSAL: &str = "too many admin connections\n";
 /// A request head must arrive whole within this, however it trickles in.
 const HEAD_DEADLINE: Duration = Duration::from_secs(2);
 /// Each write of the answer must make progress within this.
@@ -99,9 +104,10 @@ pub fn spawn(
         .name("admin".into())
         .spawn(move || {
             let open = Arc::new(AtomicUsize::new(0));
+            let refusing = Arc::new(AtomicUsize::new(0));
             for stream in listener.incoming() {
                 match stream {
-                    Ok(stream) => serve_concurrently(stream, &status, &open),
+                    Ok(stream) => serve_concurrently(stream, &status, &open, &refusing),
                     Err(e) => {
                         debug!("admin accept failed: {e}");
                         std::thread::sleep(Duration::from_millis(50));
@@ -111,17 +117,32 @@ pub fn spawn(
         })
 }
 
-fn serve_concurrently(mut stream: TcpStream, status: &Arc<Status>, open: &Arc<AtomicUsize>) {
+fn serve_concurrently(
+    mut stream: TcpStream,
+    status: &Arc<Status>,
+    open: &Arc<AtomicUsize>,
+    refusing: &Arc<AtomicUsize>,
+) {
     if open.fetch_add(1, Relaxed) >= MAX_CONNECTIONS {
         open.fetch_sub(1, Relaxed);
-        // Never blocks the accept loop: what does not fit the socket buffer is dropped.
+        if refusing.fetch_add(1, Relaxed) < MAX_REFUSING {
+            let guard = OpenGuard(refusing.clone());
+            let spawned = std::thread::Builder::new()
+                .name("admin-refuse".into())
+                .spawn(move || {
+                    let _guard = guard;
+                    refuse(stream);
+                });
+            if let Err(e) = spawned {
+                debug!("cannot start an admin refusal thread: {e}");
+            }
+            return;
+        }
+        refusing.fetch_sub(1, Relaxed);
+        // Past both limits: never blocks the accept loop (what does not fit the socket buffer
+        // is dropped), and a request arriving after this close may reset the 503 away.
         let _ = stream.set_nonblocking(true);
-        let _ = respond(
-            &mut stream,
-            503,
-            "text/plain",
-            "too many admin connections\n",
-        );
+        let _ = respond(&mut stream, 503, "text/plain", REFUSAL);
         return;
     }
     let (status, guard) = (status.clone(), OpenGuard(open.clone()));
@@ -135,6 +156,30 @@ fn serve_concurrently(mut stream: TcpStream, status: &Arc<Status>, open: &Arc<At
         });
     if let Err(e) = spawned {
         debug!("cannot start an admin connection thread: {e}");
+    }
+}
+
+/// Answers 503 and closes gently. A socket closed with unread bytes, or one that receives
+/// bytes after its close, sends a reset, and a reset can destroy the 503 before the client
+/// reads it (or turn its read into an error): so the request still on its way is read and
+/// dropped until the client closes, for at most `REFUSAL_LINGER`.
+fn refuse(mut stream: TcpStream) {
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    if respond(&mut stream, 503, "text/plain", REFUSAL).is_err() {
+        return;
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + REFUSAL_LINGER;
+    let mut sink = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
     }
 }
 

@@ -677,6 +677,40 @@ fn admin_connections_beyond_the_limit_get_503_at_once() {
 }
 
 #[test]
+fn every_admin_connection_beyond_the_limit_reads_its_whole_503() {
+    let backend = Backend::named("a");
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    let admin = balancer.admin.expect("admin listener");
+    let idle: Vec<TcpStream> = (0..32)
+        .map(|_| TcpStream::connect(admin).unwrap())
+        .collect();
+    eventually("the 32 idle connections to be taken", || {
+        admin_status_within(admin, "/healthz", Duration::from_secs(2)).as_deref()
+            == Ok("HTTP/1.1 503 Service Unavailable")
+    });
+    // Requests sent at once and a moment after connecting: a request that reaches a socket the
+    // refusal already closed (or that the refusal closes unread) draws a reset, which can
+    // destroy the 503 before the client reads it.
+    let mut failures = Vec::new();
+    for i in 0..60 {
+        let mut s = TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        if i % 2 == 1 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let sent = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n");
+        let mut all = Vec::new();
+        let read = std::io::Read::read_to_end(&mut s, &mut all);
+        let text = String::from_utf8_lossy(&all);
+        if sent.is_err() || read.is_err() || !text.ends_with("too many admin connections\n") {
+            failures.push(format!("{i}: sent {sent:?}, read {read:?}: {text:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    drop(idle);
+}
+
+#[test]
 fn admin_head_requests_get_the_head_alone() {
     let backend = Backend::named("a");
     let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
