@@ -202,6 +202,26 @@ impl CachedResponse {
         &self.stored_head
     }
 
+    /// Whether a GET or HEAD with these conditions is answered 304 (`http::not_modified`).
+    pub fn not_modified(
+        &self,
+        if_none_match: Option<&[u8]>,
+        if_modified_since: Option<&[u8]>,
+    ) -> bool {
+        let field = |name: &[u8]| {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| &v[..])
+        };
+        crate::http::not_modified(
+            if_none_match,
+            if_modified_since,
+            field(b"etag"),
+            field(b"last-modified"),
+        )
+    }
+
     /// Expired at and after `expires_at`.
     pub fn is_expired(&self, now: Instant) -> bool {
         now >= self.expires_at

@@ -2,13 +2,16 @@
 
 // This file holds the types and the field vocabulary; `parse` turns bytes into heads and
 // `write` turns heads back into bytes. Both are re-exported, so callers only see `http::*`.
+mod conditional;
 mod parse;
 mod write;
 
+pub use conditional::not_modified;
 pub use parse::{parse_request, parse_response};
 pub use write::{
     reason_phrase, write_error_head_for, write_error_response, write_error_response_for,
-    write_forward_request, write_hit_head, write_response_head, write_stored_head,
+    write_forward_request, write_hit_head, write_not_modified_head, write_response_head,
+    write_stored_head,
 };
 
 use std::borrow::Cow;
@@ -181,6 +184,8 @@ pub struct RequestHead {
     pub idempotent: bool,
     /// An Authorization header was sent.
     pub has_authorization: bool,
+    /// An If-None-Match or If-Modified-Since header was sent (a cache hit may answer 304).
+    pub conditional: bool,
 }
 
 /// A parsed response head; ranges index the buffer given to `parse_response`.
@@ -254,6 +259,8 @@ enum Field {
     Authorization,
     XForwardedFor,
     XForwardedProto,
+    IfNoneMatch,
+    IfModifiedSince,
     Other,
 }
 
@@ -269,13 +276,17 @@ impl Field {
                 (b"connection", Field::Connection),
                 (b"keep-alive", Field::KeepAlive),
             ],
-            13 => &[(b"authorization", Field::Authorization)],
+            13 => &[
+                (b"authorization", Field::Authorization),
+                (b"if-none-match", Field::IfNoneMatch),
+            ],
             14 => &[(b"content-length", Field::ContentLength)],
             15 => &[(b"x-forwarded-for", Field::XForwardedFor)],
             16 => &[(b"proxy-connection", Field::ProxyConnection)],
             17 => &[
                 (b"transfer-encoding", Field::TransferEncoding),
                 (b"x-forwarded-proto", Field::XForwardedProto),
+                (b"if-modified-since", Field::IfModifiedSince),
             ],
             _ => &[],
         };
@@ -525,6 +536,8 @@ mod tests {
             ("proxy-connection", Field::ProxyConnection),
             ("transfer-encoding", Field::TransferEncoding),
             ("x-forwarded-proto", Field::XForwardedProto),
+            ("if-none-match", Field::IfNoneMatch),
+            ("if-modified-since", Field::IfModifiedSince),
         ];
         let tchars =
             b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";

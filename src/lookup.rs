@@ -16,7 +16,7 @@ use crate::cache::flights::{Flight, FlightEnd, Join};
 use crate::cache::{
     is_cacheable_request, storability, CacheKey, CachedResponse, Lookup, Storability,
 };
-use crate::http::{write_hit_head, RequestFraming, RequestHead};
+use crate::http::{write_hit_head, write_not_modified_head, RequestFraming, RequestHead};
 use crate::proxy::Next;
 use crate::shard::Shard;
 use crate::stream::{send_gathered, Conn, Push};
@@ -260,23 +260,35 @@ async fn serve_hit(
     shard.metrics.cache_hits.inc();
     let keep_alive = head.keep_alive && !shard.shutdown.is_fired();
     let mut out = shard.body_buffers.take();
-    let body = &entry.body[..];
     let age = entry.age(now);
-    write_hit_head(
-        entry.stored_head(),
-        age,
-        body.len(),
-        keep_alive,
-        head.version,
-        &mut out,
-    );
-    let body = if head.is_head { &[][..] } else { body };
+    let not_modified = head.conditional && {
+        let buf = client.pending();
+        let if_none_match = head.combined_header(buf, "if-none-match");
+        let if_modified_since = head.combined_header(buf, "if-modified-since");
+        entry.not_modified(if_none_match.as_deref(), if_modified_since.as_deref())
+    };
+    let (status, body) = if not_modified {
+        let fields = entry.headers.iter().map(|(n, v)| (&n[..], &v[..]));
+        write_not_modified_head(fields, age, keep_alive, head.version, &mut out);
+        (304, &[][..])
+    } else {
+        let body = &entry.body[..];
+        write_hit_head(
+            entry.stored_head(),
+            age,
+            body.len(),
+            keep_alive,
+            head.version,
+            &mut out,
+        );
+        (entry.status, if head.is_head { &[][..] } else { body })
+    };
     client.consume(head.head_len);
     // The body goes out from the entry itself: a hit copies only its head.
     let written = send_gathered(&mut client.stream, &out, body, Push::Now)
         .await
         .is_ok();
-    shard.count_request(entry.status, started);
+    shard.count_request(status, started);
     if written && keep_alive {
         Next::KeepAlive
     } else {

@@ -221,6 +221,64 @@ fn hit_carries_the_stored_headers_and_one_content_length() {
 }
 
 #[test]
+fn a_conditional_hit_whose_validators_match_gets_304_without_a_body() {
+    const MODIFIED: &str = "Tue, 15 Nov 1994 08:12:31 GMT";
+    let backend = origin(&[
+        ("Content-Type", "text/css"),
+        ("ETag", "W/\"v1\""),
+        ("Last-Modified", MODIFIED),
+        ("Cache-Control", "max-age=60"),
+        ("X-Origin-Note", "kept on a 200 only"),
+    ]);
+    let lb = balancer(&backend, &[]);
+    assert_eq!(x_cache(&fetch(&lb, "/v.css")), Some("MISS"));
+    let before = backend.requests();
+
+    // On one keep-alive connection: each 304 must end where its head ends.
+    let (mut writer, mut reader) = open(&lb);
+    let mut ask = |method: &str, headers: &[(&str, &str)]| {
+        writer
+            .write_all(raw_request(method, "/v.css", headers, false).as_bytes())
+            .unwrap();
+        read_response(&mut reader, method == "HEAD").expect("a response")
+    };
+    for (method, headers) in [
+        ("GET", vec![("If-None-Match", "\"v1\"")]),
+        ("GET", vec![("If-None-Match", "\"x\", W/\"v1\"")]),
+        ("GET", vec![("If-None-Match", "*")]),
+        ("GET", vec![("If-Modified-Since", MODIFIED)]),
+        ("HEAD", vec![("If-None-Match", "\"v1\"")]),
+    ] {
+        let r = ask(method, &headers);
+        assert_eq!(r.status, 304, "{method} {headers:?}: {r:?}");
+        assert_eq!(x_cache(&r), Some("HIT"));
+        assert_eq!(r.header("ETag"), Some("W/\"v1\""));
+        assert_eq!(r.header("Last-Modified"), Some(MODIFIED));
+        assert_eq!(r.header("Cache-Control"), Some("max-age=60"));
+        assert!(r.header("Age").is_some(), "{r:?}");
+        assert_eq!(r.header("Content-Length"), None, "{r:?}");
+        assert_eq!(r.header("X-Origin-Note"), None, "{r:?}");
+    }
+    // Validators that do not match: the whole response, from the cache.
+    for headers in [
+        vec![("If-None-Match", "\"v2\"")],
+        // If-None-Match decides alone, even when If-Modified-Since would match.
+        vec![("If-None-Match", "\"v2\""), ("If-Modified-Since", MODIFIED)],
+        vec![("If-Modified-Since", "Wed, 16 Nov 1994 08:12:31 GMT")],
+    ] {
+        let r = ask("GET", &headers);
+        assert_eq!(r.status, 200, "{headers:?}");
+        assert_eq!(x_cache(&r), Some("HIT"));
+        assert_eq!(r.text(), body_for("/v.css"));
+    }
+    assert_eq!(
+        backend.requests(),
+        before,
+        "every answer came from the cache"
+    );
+}
+
+#[test]
 fn age_counts_whole_seconds_since_the_entry_was_stored() {
     let backend = origin(&[]);
     let lb = balancer(&backend, &[]);

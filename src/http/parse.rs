@@ -117,6 +117,7 @@ fn decide_request(buf: &[u8], head: &mut RequestHead) -> Result<bool, HttpError>
     head.websocket_upgrade =
         http11 && fields.websocket && fields.conn_upgrade && head.method(buf) == b"GET";
     head.has_authorization = fields.authorization;
+    head.conditional = fields.conditional;
     Ok(true)
 }
 
@@ -230,6 +231,7 @@ struct Fields {
     websocket: bool,
     expect_continue: bool,
     authorization: bool,
+    conditional: bool,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -284,6 +286,7 @@ impl Fields {
                 }
                 Field::Expect => f.expect_continue |= value.eq_ignore_ascii_case(b"100-continue"),
                 Field::Authorization => f.authorization = true,
+                Field::IfNoneMatch | Field::IfModifiedSince => f.conditional = true,
                 _ => {}
             }
         }
@@ -803,13 +806,15 @@ mod tests {
 
     #[test]
     fn reused_head_is_cleared_between_requests() {
-        let first = "GET / HTTP/1.1\r\nHost: a\r\nAuthorization: x\r\nExpect: 100-continue\r\n\r\n";
+        let first = "GET / HTTP/1.1\r\nHost: a\r\nAuthorization: x\r\nExpect: 100-continue\r\nIf-None-Match: \"v\"\r\n\r\n";
         let second = "GET http://b/ HTTP/1.0\r\n\r\n";
         let mut head = RequestHead::default();
         assert_eq!(parse_request(first.as_bytes(), &mut head), Ok(true));
         assert!(head.has_authorization && head.expect_continue && head.host.is_some());
+        assert!(head.conditional);
         assert_eq!(parse_request(second.as_bytes(), &mut head), Ok(true));
         assert!(!head.has_authorization && !head.expect_continue && head.host.is_none());
+        assert!(!head.conditional);
         assert_eq!(head.headers.len(), 0);
         assert_eq!(head.host_for_key(second.as_bytes()), b"b");
     }

@@ -317,6 +317,39 @@ pub fn write_hit_head(
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends the head of a 304 answered from the cache: of the stored fields only those a 304
+/// carries (RFC 9110 §15.4.5: the validators, `Cache-Control`, `Expires`, `Vary`,
+/// `Content-Location`, `Date`), then `Age`, `X-Cache: HIT` and the connection field. No
+/// `Content-Length`: no body follows, and the 200's length need not be repeated.
+pub fn write_not_modified_head<'a>(
+    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    age: u64,
+    keep_alive: bool,
+    client_version: Version,
+    out: &mut Vec<u8>,
+) {
+    const KEPT: [&[u8]; 7] = [
+        b"etag",
+        b"last-modified",
+        b"cache-control",
+        b"expires",
+        b"vary",
+        b"content-location",
+        b"date",
+    ];
+    put_status_line(out, 304, reason_phrase(304).as_bytes());
+    for (name, value) in fields {
+        if KEPT.iter().any(|kept| name.eq_ignore_ascii_case(kept)) {
+            put_header(out, name, value);
+        }
+    }
+    out.extend_from_slice(b"Age: ");
+    put_u64(out, age);
+    out.extend_from_slice(b"\r\nX-Cache: HIT\r\n");
+    put_connection(out, keep_alive, client_version);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends a complete response the balancer makes itself, for an HTTP/1.1 client.
 pub fn write_error_response(status: u16, keep_alive: bool, out: &mut Vec<u8>) {
     write_error_response_for(status, keep_alive, Version::Http11, out);
