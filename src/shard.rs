@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -122,6 +122,8 @@ pub struct Shard {
     pub balancer: RefCell<Balancer>,
     /// Counters of the servers in `balancer`, in the same order.
     pub backend_stats: RefCell<Vec<Arc<BackendStats>>>,
+    /// Counters of servers the latest sets removed, for as long as an exchange holds them.
+    removed_stats: RefCell<Vec<Weak<BackendStats>>>,
     pub pool: RefCell<Pool>,
     pub cache: RefCell<Cache>,
     pub rng: RefCell<fastrand::Rng>,
@@ -181,23 +183,29 @@ impl Shard {
                 pool.close_idle(addr);
             }
         }
-        let old: HashMap<Arc<str>, Arc<BackendStats>> = self
-            .backend_stats
+        // A server removed while requests to it were in flight, then added back before they
+        // ended, keeps its counters: those requests still count in its `in_flight`.
+        let mut old: HashMap<Arc<str>, Arc<BackendStats>> = self
+            .removed_stats
             .borrow()
             .iter()
-            .map(|s| (s.label.clone(), s.clone()))
+            .filter_map(Weak::upgrade)
+            .chain(self.backend_stats.borrow().iter().cloned())
+            .map(|s| (s.label.clone(), s))
             .collect();
         let stats: Vec<Arc<BackendStats>> = update
             .backends
             .iter()
-            .map(|b| match old.get(&b.label) {
+            .map(|b| match old.remove(&b.label) {
                 Some(s) => {
                     s.set_score(b.score);
-                    s.clone()
+                    s
                 }
                 None => Arc::new(BackendStats::new(b.label.clone(), b.score)),
             })
             .collect();
+        // Alive only while an exchange still holds them.
+        *self.removed_stats.borrow_mut() = old.values().map(Arc::downgrade).collect();
         self.metrics.set_backends(stats.clone());
         *self.backend_stats.borrow_mut() = stats;
         self.refresh_ejected();
@@ -266,6 +274,7 @@ pub fn start(
                     id,
                     balancer: RefCell::new(Balancer::new(Vec::new(), Instant::now())),
                     backend_stats: RefCell::new(Vec::new()),
+                    removed_stats: RefCell::new(Vec::new()),
                     pool: RefCell::new(Pool::default()),
                     cache: RefCell::new(Cache::new(shard_capacity(
                         config.cache_capacity,

@@ -7,12 +7,13 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use common::{
-    eventually, get, reuseport_listener, server_set, spread, Agent, AgentConn, Backend, Balancer,
-    HeldPort, WAIT,
+    eventually, get, ok, read_request, reuseport_listener, server_set, spread, Agent, AgentConn,
+    Backend, Balancer, HeldPort, RawBackend, WAIT,
 };
 use serde_json::{json, Value};
 
@@ -205,6 +206,52 @@ fn removed_server_gets_no_new_requests() {
     let before = b.requests();
     all_from(&balancer, 200, "A");
     assert_eq!(b.requests(), before, "the removed server saw new requests");
+}
+
+#[test]
+fn a_server_added_back_while_its_requests_drain_still_counts_them_in_flight() {
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = std::sync::Mutex::new(release_rx);
+    let held = RawBackend::start(std::sync::Arc::new(move |conn: TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        while read_request(&mut reader).is_some() {
+            if release_rx.lock().unwrap().recv_timeout(WAIT).is_err() {
+                return;
+            }
+            let _ = writer.write_all(&ok(b"held"));
+        }
+    }));
+    let other = Backend::named("other");
+    let (balancer, _agent, mut conn) = with_agent(None, &[]);
+    assert_eq!(conn.push(&server_set(&[(held.addr, 1.0)])), applied(1, 1));
+    let in_flight = |balancer: &Balancer| {
+        let doc = servers_doc(balancer);
+        let label = held.addr.port();
+        doc["servers"]
+            .as_array()
+            .expect("servers")
+            .iter()
+            .find(|s| s["port"] == label)
+            .map(|s| s["in_flight"].as_u64().expect("in_flight is a number"))
+    };
+    let addr = balancer.addr;
+    let client = std::thread::spawn(move || get(addr, "/held"));
+    eventually("the held request in flight", || {
+        in_flight(&balancer) == Some(1)
+    });
+
+    // Removed (it drains), then added back before its request ends.
+    assert_eq!(conn.push(&server_set(&[(other.addr, 1.0)])), applied(2, 1));
+    assert_eq!(in_flight(&balancer), None, "a removed server is not listed");
+    let both = server_set(&[(other.addr, 1.0), (held.addr, 1.0)]);
+    assert_eq!(conn.push(&both), applied(3, 2));
+    eventually("the re-added server to count its draining request", || {
+        in_flight(&balancer) == Some(1)
+    });
+    release_tx.send(()).unwrap();
+    assert_eq!(client.join().expect("client thread").text(), "held");
+    eventually("in_flight back to 0", || in_flight(&balancer) == Some(0));
 }
 
 #[test]
