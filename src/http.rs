@@ -184,8 +184,6 @@ pub struct RequestHead {
     pub idempotent: bool,
     /// An Authorization header was sent.
     pub has_authorization: bool,
-    /// An If-None-Match or If-Modified-Since header was sent (a cache hit may answer 304).
-    pub conditional: bool,
 }
 
 /// A parsed response head; ranges index the buffer given to `parse_response`.
@@ -369,6 +367,14 @@ impl RequestHead {
             joined.extend_from_slice(line);
         }
         Some(Cow::Owned(joined))
+    }
+
+    /// An If-None-Match or If-Modified-Since header was sent (a cache hit may answer 304).
+    /// Asked on cache hits only, so request parsing does not track it.
+    pub fn is_conditional(&self) -> bool {
+        self.headers
+            .iter()
+            .any(|h| matches!(h.field, Field::IfNoneMatch | Field::IfModifiedSince))
     }
 
     /// The path and query; `/` for an absolute-form target with nothing after the authority.

@@ -261,7 +261,7 @@ async fn serve_hit(
     let keep_alive = head.keep_alive && !shard.shutdown.is_fired();
     let mut out = shard.body_buffers.take();
     let age = entry.age(now);
-    let not_modified = head.conditional && {
+    let not_modified = head.is_conditional() && {
         let buf = client.pending();
         let if_none_match = head.combined_header(buf, "if-none-match");
         let if_modified_since = head.combined_header(buf, "if-modified-since");

@@ -117,7 +117,6 @@ fn decide_request(buf: &[u8], head: &mut RequestHead) -> Result<bool, HttpError>
     head.websocket_upgrade =
         http11 && fields.websocket && fields.conn_upgrade && head.method(buf) == b"GET";
     head.has_authorization = fields.authorization;
-    head.conditional = fields.conditional;
     Ok(true)
 }
 
@@ -231,7 +230,6 @@ struct Fields {
     websocket: bool,
     expect_continue: bool,
     authorization: bool,
-    conditional: bool,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -286,7 +284,6 @@ impl Fields {
                 }
                 Field::Expect => f.expect_continue |= value.eq_ignore_ascii_case(b"100-continue"),
                 Field::Authorization => f.authorization = true,
-                Field::IfNoneMatch | Field::IfModifiedSince => f.conditional = true,
                 _ => {}
             }
         }
@@ -811,10 +808,10 @@ mod tests {
         let mut head = RequestHead::default();
         assert_eq!(parse_request(first.as_bytes(), &mut head), Ok(true));
         assert!(head.has_authorization && head.expect_continue && head.host.is_some());
-        assert!(head.conditional);
+        assert!(head.is_conditional());
         assert_eq!(parse_request(second.as_bytes(), &mut head), Ok(true));
         assert!(!head.has_authorization && !head.expect_continue && head.host.is_none());
-        assert!(!head.conditional);
+        assert!(!head.is_conditional());
         assert_eq!(head.headers.len(), 0);
         assert_eq!(head.host_for_key(second.as_bytes()), b"b");
     }
