@@ -163,11 +163,66 @@ fn split_target(
     Ok((Some(start..end), end..target.len()))
 }
 
-/// Host and authority characters: reg-name, IP literals, port (RFC 3986 §3.2.2).
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2-3.2.3): an IP literal in brackets
+/// or a reg-name (unreserved, sub-delims, percent-encoding; possibly empty), then an optional
+/// port of at most 65535. A request whose Host cannot name a server is refused (RFC 9112
+/// §3.2), not forwarded for the backend to read some other way.
 fn is_host(value: &[u8]) -> bool {
-    value
-        .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b))
+    let (host_ok, port) = match value.strip_prefix(b"[") {
+        Some(rest) => match rest.iter().position(|&b| b == b']') {
+            Some(close) => {
+                let literal = &rest[..close];
+                let ok = !literal.is_empty()
+                    && literal.iter().all(|&b| is_reg_name_byte(b) || b == b':');
+                (ok, &rest[close + 1..])
+            }
+            None => return false,
+        },
+        None => {
+            let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+            (
+                value[..end].iter().all(|&b| is_reg_name_byte(b)),
+                &value[end..],
+            )
+        }
+    };
+    host_ok
+        && match port {
+            [] => true,
+            // `port = *DIGIT`: empty is allowed.
+            [b':', digits @ ..] => {
+                digits.len() <= 5
+                    && digits.iter().all(u8::is_ascii_digit)
+                    && digits
+                        .iter()
+                        .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+                        <= 65535
+            }
+            _ => false,
+        }
+}
+
+/// unreserved / sub-delims / the `%` of a pct-encoded byte (RFC 3986 §2).
+fn is_reg_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b'%'
+        )
 }
 
 /// Maps an httparse error on a request to its `HttpError`.
@@ -453,6 +508,13 @@ pub fn parse_response(
         if te.chunked > 1 {
             return Err(HttpError::BadResponse("chunked applied more than once"));
         }
+        // Close-delimited by RFC 9112 §6.3, yet a client that looks for "chunked" in the field
+        // would de-chunk the raw bytes: a response no client should be asked to read.
+        if te.chunked == 1 && !te.last_chunked {
+            return Err(HttpError::BadResponse(
+                "chunked not the final transfer coding",
+            ));
+        }
     }
     head.transfer_coded = fields.te.is_some_and(|te| te.codings > te.chunked);
     let bodiless = request_was_head || status < 200 || status == 204 || status == 304;
@@ -586,6 +648,16 @@ mod tests {
             ("GET / HTTP/1.1\r\nHost: a b\r\n\r\n", BadRequest("invalid host")),
             ("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", BadRequest("invalid host")),
             ("GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", BadRequest("invalid host")),
+            ("GET / HTTP/1.1\r\nHost: a:b\r\n\r\n", BadRequest("invalid host")),
+            ("GET / HTTP/1.1\r\nHost: a:80:81\r\n\r\n", BadRequest("invalid host")),
+            ("GET / HTTP/1.1\r\nHost: a:65536\r\n\r\n", BadRequest("invalid host")),
+            ("GET / HTTP/1.1\r\nHost: a:000080\r\n\r\n", BadRequest("invalid host")),
+            ("GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", BadRequest("invalid host")),
+            ("GET / HTTP/1.1\r\nHost: []\r\n\r\n", BadRequest("invalid host")),
+            ("GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n", BadRequest("invalid host")),
+            ("GET / HTTP/1.1\r\nHost: [::1]:x\r\n\r\n", BadRequest("invalid host")),
+            ("GET / HTTP/1.1\r\nHost: a]\r\n\r\n", BadRequest("invalid host")),
+            ("GET http://a:abc/x HTTP/1.1\r\nHost: a\r\n\r\n", BadRequest("invalid authority in request-target")),
             ("GET * HTTP/1.1\r\nHost: a\r\n\r\n", BadRequest("asterisk-form target with a method other than options")),
             ("GET ftp://a/b HTTP/1.1\r\nHost: a\r\n\r\n", BadRequest("unsupported scheme in request-target")),
             ("GET http:///b HTTP/1.1\r\nHost: a\r\n\r\n", BadRequest("empty authority in request-target")),
@@ -802,6 +874,31 @@ mod tests {
     }
 
     #[test]
+    fn host_values_follow_the_uri_grammar() {
+        for host in [
+            "a",
+            "a:",
+            "a:80",
+            "a:65535",
+            "127.0.0.1:8080",
+            "[::1]",
+            "[::1]:8080",
+            "[v1.fe]",
+            "a,b",
+            "my_host.example",
+            "xn--e1afmkfd.xn--p1ai",
+            "",
+        ] {
+            assert!(is_host(host.as_bytes()), "{host:?}");
+        }
+        for host in [
+            "a:b", "a:-1", "a:1:2", "a:65536", "[::1", "[]", "[::1]x", "a[b]", "a b",
+        ] {
+            assert!(!is_host(host.as_bytes()), "{host:?}");
+        }
+    }
+
+    #[test]
     fn reused_head_is_cleared_between_requests() {
         let first = "GET / HTTP/1.1\r\nHost: a\r\nAuthorization: x\r\nExpect: 100-continue\r\nIf-None-Match: \"v\"\r\n\r\n";
         let second = "GET http://b/ HTTP/1.0\r\n\r\n";
@@ -1000,7 +1097,7 @@ mod tests {
             ("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false, Chunked, true),
             ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", false, Chunked, false),
             ("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false, Close, false),
-            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked;x=1\r\n\r\n", false, Close, false),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n", false, Close, false),
             ("HTTP/1.1 200 OK\r\n\r\n", false, Close, false),
             ("HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", true, None, true),
             ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", true, None, true),
@@ -1075,6 +1172,18 @@ mod tests {
             (
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
                 "chunked applied more than once",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+                "chunked not the final transfer coding",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
+                "chunked not the final transfer coding",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked;x=1\r\n\r\n",
+                "chunked not the final transfer coding",
             ),
             (
                 "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",

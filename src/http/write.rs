@@ -129,7 +129,10 @@ pub fn write_forward_request(head: &RequestHead, buf: &[u8], client_ip: IpAddr, 
     out.extend_from_slice(head.method(buf));
     out.push(b' ');
     let path = &buf[head.path.clone()];
-    if path.first() != Some(&b'/') && path != b"*" {
+    if path.is_empty() && head.authority.is_some() && head.method(buf) == b"OPTIONS" {
+        // RFC 9112 §3.2.4: the server-wide OPTIONS, asked through a proxy.
+        out.push(b'*');
+    } else if path.first() != Some(&b'/') && path != b"*" {
         out.push(b'/'); // absolute-form without a path, or with only a query
     }
     out.extend_from_slice(path);
@@ -491,6 +494,18 @@ mod tests {
             (
                 "OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n",
                 "OPTIONS * HTTP/1.1\r\nHost: h\r\n",
+            ),
+            (
+                "OPTIONS http://a.b:8 HTTP/1.1\r\nHost: a.b:8\r\n\r\n",
+                "OPTIONS * HTTP/1.1\r\nHost: a.b:8\r\n",
+            ),
+            (
+                "OPTIONS http://a.b/ HTTP/1.1\r\nHost: a.b\r\n\r\n",
+                "OPTIONS / HTTP/1.1\r\nHost: a.b\r\n",
+            ),
+            (
+                "OPTIONS http://a.b?q HTTP/1.1\r\nHost: a.b\r\n\r\n",
+                "OPTIONS /?q HTTP/1.1\r\nHost: a.b\r\n",
             ),
             ("GET /p HTTP/1.0\r\n\r\n", "GET /p HTTP/1.1\r\nHost: \r\n"),
         ];
