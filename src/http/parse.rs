@@ -467,6 +467,43 @@ pub fn parse_response(
     request_was_head: bool,
     head: &mut ResponseHead,
 ) -> Result<bool, HttpError> {
+    match parse_response_as_sent(buf, request_was_head, head) {
+        // RFC 9110 §2.5: a later HTTP/1 minor version is read as the highest one known,
+        // 1.1. httparse takes only 1.0 and 1.1, so a copy with the digit replaced is parsed:
+        // same length, so every range found in it indexes `buf` alike. Rare, so the copy is.
+        Err(HttpError::BadResponse("invalid http version")) if later_http1_minor(buf) => {
+            let mut as_11 = buf[..buf.len().min(MAX_HEAD_BYTES + 1)].to_vec();
+            as_11[7] = b'1';
+            parse_response_as_sent(&as_11, request_was_head, head)
+        }
+        other => other,
+    }
+}
+
+/// `HTTP/1.d ` with a digit d of 2 or more: a minor version later than 1.1.
+fn later_http1_minor(buf: &[u8]) -> bool {
+    matches!(
+        buf,
+        [
+            b'H',
+            b'T',
+            b'T',
+            b'P',
+            b'/',
+            b'1',
+            b'.',
+            b'2'..=b'9',
+            b' ',
+            ..
+        ]
+    )
+}
+
+fn parse_response_as_sent(
+    buf: &[u8],
+    request_was_head: bool,
+    head: &mut ResponseHead,
+) -> Result<bool, HttpError> {
     let window = &buf[..buf.len().min(MAX_HEAD_BYTES)];
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
     let mut res = httparse::Response::new(&mut []);
@@ -1082,6 +1119,44 @@ mod tests {
             let raw = format!("GET / HTTP/1.1\r\nHost: a\r\n{bad}\r\n\r\n");
             assert!(
                 matches!(req(&raw), Err(HttpError::BadRequest(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_later_http1_minor_version_is_read_as_1_1() {
+        for raw in [
+            "HTTP/1.2 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nhi",
+            "HTTP/1.9 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\n",
+        ] {
+            let mut head = ResponseHead::default();
+            assert_eq!(
+                parse_response(raw.as_bytes(), false, &mut head),
+                Ok(true),
+                "{raw:?}"
+            );
+            assert_eq!((head.status, head.version), (200, Version::Http11));
+            assert_eq!(head.framing, ResponseFraming::Length(2));
+            assert!(head.keep_alive);
+            let names: Vec<&str> = head.headers.iter().map(|h| &raw[h.name.clone()]).collect();
+            assert_eq!(names, ["Content-Length", "X-A"]);
+            assert_eq!(&raw[head.headers[1].value.clone()], "b");
+        }
+        let mut head = ResponseHead::default();
+        assert_eq!(
+            parse_response(b"HTTP/1.2 200 OK\r\nContent-Le", false, &mut head),
+            Ok(false)
+        );
+        for bad in [
+            "HTTP/1.10 200 OK\r\n\r\n",
+            "HTTP/2.0 200 OK\r\n\r\n",
+            "HTTP/1.x 200 OK\r\n\r\n",
+        ] {
+            let mut head = ResponseHead::default();
+            assert_eq!(
+                parse_response(bad.as_bytes(), false, &mut head),
+                Err(HttpError::BadResponse("invalid http version")),
                 "{bad:?}"
             );
         }
