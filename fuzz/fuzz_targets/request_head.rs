@@ -55,8 +55,14 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(again.framing, head.framing, "framing{}", show());
     assert_eq!(again.version, Version::Http11, "version{}", show());
     assert_eq!(again.method(&out), head.method(data), "method{}", show());
-    // "http://h?q" goes out as "/?q".
+    // "http://h?q" goes out as "/?q", and "OPTIONS http://h" as "OPTIONS *" (RFC 9112 §3.2.4).
     let path = match head.path(data) {
+        _ if head.authority.is_some()
+            && data[head.path.clone()].is_empty()
+            && head.method(data) == b"OPTIONS" =>
+        {
+            b"*".to_vec()
+        }
         p @ [b'/' | b'*', ..] => p.to_vec(),
         p => [b"/", p].concat(),
     };
