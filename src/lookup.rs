@@ -164,12 +164,16 @@ pub async fn consult(
     };
     let key = CacheKey::new(&candidate.host, &candidate.target);
     let deadline = started + shard.config.request_timeout;
+    // A HEAD's response is not stored, so GETs must not wait for one; nor is a conditional
+    // request's 304, which says nothing about whether the resource may be stored. Both still
+    // wait for a flight that is running, and are served from what it stores.
+    let may_lead = !head.is_head && !head.is_conditional();
+    let mut rejoined_after_store = false;
     loop {
-        // A HEAD's response is not stored, so GETs must not wait for one.
         let join = shard
             .flights
             .borrow_mut()
-            .join(&key, !head.is_head, glommio::timer::now());
+            .join(&key, may_lead, glommio::timer::now());
         match join {
             Join::Wait(flight) => {
                 let waited = glommio::timer::timeout(
@@ -190,6 +194,14 @@ pub async fn consult(
                 // the next attempt and the others wait for it, rather than each going to the
                 // backend. Each waits within its own REQUEST_TIMEOUT all the same.
                 if waited.is_ok() && flight.end() == FlightEnd::Abandoned {
+                    continue;
+                }
+                // The leader stored another `Accept-Encoding` variant (flights are per URL):
+                // the waiters of this one lead or wait once more rather than all going to the
+                // backend. Once only, so entries that cannot be found (gone at once) never
+                // make waiters queue behind each other.
+                if waited.is_ok() && flight.end() == FlightEnd::Done && !rejoined_after_store {
+                    rejoined_after_store = true;
                     continue;
                 }
                 shard.metrics.cache_misses.inc();

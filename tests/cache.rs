@@ -160,13 +160,23 @@ fn concurrent_gets(
     target: &'static str,
     n: usize,
 ) -> Vec<std::thread::JoinHandle<Response>> {
+    concurrent_gets_with(lb, target, &[], n)
+}
+
+/// `concurrent_gets` with extra header fields.
+fn concurrent_gets_with(
+    lb: &Balancer,
+    target: &'static str,
+    headers: &[(&'static str, &'static str)],
+    n: usize,
+) -> Vec<std::thread::JoinHandle<Response>> {
     let sent = Arc::new(AtomicUsize::new(0));
     let handles: Vec<_> = (0..n)
         .map(|_| {
-            let (addr, sent) = (lb.addr, sent.clone());
+            let (addr, sent, headers) = (lb.addr, sent.clone(), headers.to_vec());
             std::thread::spawn(move || {
                 let mut s = connect(addr);
-                s.write_all(raw_request("GET", target, &[], true).as_bytes())
+                s.write_all(raw_request("GET", target, &headers, true).as_bytes())
                     .unwrap();
                 sent.fetch_add(1, SeqCst);
                 read_response(&mut BufReader::new(s), false).expect("a response")
@@ -1234,6 +1244,98 @@ fn concurrent_misses_for_one_key_make_one_backend_request() {
         1,
         "20 concurrent misses made one backend request"
     );
+}
+
+/// A conditional miss may get a 304, which says nothing about whether the resource may be
+/// stored: it must neither make plain misses wait for it nor mark the key as not storable.
+#[test]
+fn a_conditional_miss_neither_leads_nor_stops_coalescing() {
+    let body = pattern(5_000, 13);
+    let stored = response(
+        "200 OK",
+        &[("Cache-Control", "max-age=300"), ("ETag", "\"v\"")],
+        &body,
+    );
+    let not_modified = b"HTTP/1.1 304 Not Modified\r\nETag: \"v\"\r\n\r\n".to_vec();
+    let backend = Backend::start(Arc::new(move |seen: &Seen| {
+        let reply = if seen.header("If-None-Match").is_some() {
+            not_modified.clone()
+        } else {
+            stored.clone()
+        };
+        Reply::Delay(Duration::from_millis(400), Box::new(Reply::Bytes(reply)))
+    }));
+    let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
+    let revalidate = [("If-None-Match", "\"v\"")];
+
+    // A conditional miss, then a burst of plain ones: one backend request for the burst.
+    let r = send(&lb, "GET", "/after.css", &revalidate);
+    assert_eq!((r.status, x_cache(&r)), (304, Some("MISS")));
+    let burst = concurrent_gets(&lb, "/after.css", 5);
+    for client in burst {
+        assert_eq!(hash(&client.join().expect("client").body), hash(&body));
+    }
+    assert_eq!(backend.requests(), 2, "the conditional miss and one leader");
+
+    // A conditional miss in flight when plain ones come: they do not wait for its 304.
+    let conditional = concurrent_gets_with(&lb, "/during.css", &revalidate, 1);
+    eventually("the conditional miss reaches the backend", || {
+        backend.requests() >= 3
+    });
+    let plain = concurrent_gets(&lb, "/during.css", 4);
+    let r = conditional
+        .into_iter()
+        .next()
+        .unwrap()
+        .join()
+        .expect("client");
+    assert_eq!(r.status, 304);
+    for client in plain {
+        let r = client.join().expect("client");
+        assert_eq!((r.status, hash(&r.body)), (200, hash(&body)));
+    }
+    assert_eq!(
+        backend.requests(),
+        4,
+        "the conditional miss and one leader for the 4 plain ones"
+    );
+}
+
+/// Flights are per URL, entries per `Accept-Encoding` variant: waiters for another variant
+/// than the leader's must not all go to the backend once it is done.
+#[test]
+fn waiters_for_another_variant_than_the_leaders_lead_once_more() {
+    let backend = Backend::start(Arc::new(move |seen: &Seen| {
+        let coding = seen.header("Accept-Encoding").unwrap_or("none").to_owned();
+        let reply = response(
+            "200 OK",
+            &[
+                ("Cache-Control", "max-age=300"),
+                ("Vary", "Accept-Encoding"),
+            ],
+            coding.as_bytes(),
+        );
+        Reply::Delay(Duration::from_millis(400), Box::new(Reply::Bytes(reply)))
+    }));
+    let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
+    let gzip = concurrent_gets_with(&lb, "/v.js", &[("Accept-Encoding", "gzip")], 1);
+    eventually("the gzip leader reaches the backend", || {
+        backend.requests() >= 1
+    });
+    let br = concurrent_gets_with(&lb, "/v.js", &[("Accept-Encoding", "br")], 4);
+    assert_eq!(
+        gzip.into_iter()
+            .next()
+            .unwrap()
+            .join()
+            .expect("client")
+            .text(),
+        "gzip"
+    );
+    for client in br {
+        assert_eq!(client.join().expect("client").text(), "br");
+    }
+    assert_eq!(backend.requests(), 2, "one request per variant");
 }
 
 /// The first client of a burst gives up before the answer comes: its fetch is abandoned, and
