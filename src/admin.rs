@@ -161,24 +161,53 @@ fn serve_concurrently(
 
 /// Answers 503 and closes gently. A socket closed with unread bytes, or one that receives
 /// bytes after its close, sends a reset, and a reset can destroy the 503 before the client
-/// reads it (or turn its read into an error): so the request still on its way is read and
-/// dropped until the client closes, for at most `REFUSAL_LINGER`.
+/// reads it (or turn its read into an error): so the request is read first (a `HEAD` gets
+/// the head alone), and what follows is read and dropped until the client closes, all within
+/// `REFUSAL_LINGER`.
 fn refuse(mut stream: TcpStream) {
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    if respond(&mut stream, 503, "text/plain", REFUSAL).is_err() {
-        return;
-    }
-    let _ = stream.shutdown(std::net::Shutdown::Write);
     let deadline = Instant::now() + REFUSAL_LINGER;
-    let mut sink = [0u8; 1024];
+    let mut head = Vec::new();
+    read_until(&mut stream, deadline, &mut head, |h| {
+        h.len() == KEPT || h.windows(4).any(|w| w == b"\r\n\r\n")
+    });
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let written = if head.starts_with(b"HEAD ") {
+        write_head(&mut stream, 503, "text/plain", REFUSAL.len())
+    } else {
+        respond(&mut stream, 503, "text/plain", REFUSAL)
+    };
+    if written.is_ok() {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        read_until(&mut stream, deadline, &mut head, |_| false);
+    }
+}
+
+/// What a refusal keeps of a request: enough for its request line.
+const KEPT: usize = 8192;
+
+/// Reads until `done` holds for what was read (only its first `KEPT` bytes are kept), the
+/// peer closes, or `deadline` passes.
+fn read_until(
+    stream: &mut TcpStream,
+    deadline: Instant,
+    seen: &mut Vec<u8>,
+    done: impl Fn(&[u8]) -> bool,
+) {
+    let mut buf = [0u8; 1024];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
             return;
         }
-        match stream.read(&mut sink) {
+        match stream.read(&mut buf) {
             Ok(0) | Err(_) => return,
-            Ok(_) => {}
+            Ok(n) => {
+                let room = KEPT.saturating_sub(seen.len()).min(n);
+                seen.extend_from_slice(&buf[..room]);
+                if done(seen) {
+                    return;
+                }
+            }
         }
     }
 }

@@ -163,25 +163,26 @@ fn split_target(
     Ok((Some(start..end), end..target.len()))
 }
 
-/// `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2-3.2.3): an IP literal in brackets
-/// or a reg-name (unreserved, sub-delims, percent-encoding; possibly empty), then an optional
-/// port of at most 65535. A request whose Host cannot name a server is refused (RFC 9112
-/// §3.2), not forwarded for the backend to read some other way.
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2-3.2.3): an IPv6 (or IPvFuture)
+/// literal in brackets or a reg-name (unreserved, sub-delims, percent-encoding), then an
+/// optional port of at most 65535. Only a wholly empty value may leave the host empty (HTTP/1.0
+/// and origin-form requests without an authority, RFC 9112 §3.2); `:80` names no host (RFC
+/// 9110 §4.2.1). A request whose Host cannot name a server is refused (RFC 9112 §3.2), not
+/// forwarded for the backend to read some other way.
 fn is_host(value: &[u8]) -> bool {
+    if value.is_empty() {
+        return true;
+    }
     let (host_ok, port) = match value.strip_prefix(b"[") {
         Some(rest) => match rest.iter().position(|&b| b == b']') {
-            Some(close) => {
-                let literal = &rest[..close];
-                let ok = !literal.is_empty()
-                    && literal.iter().all(|&b| is_reg_name_byte(b) || b == b':');
-                (ok, &rest[close + 1..])
-            }
+            Some(close) => (is_ip_literal(&rest[..close]), &rest[close + 1..]),
             None => return false,
         },
         None => {
             let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+            let name = &value[..end];
             (
-                value[..end].iter().all(|&b| is_reg_name_byte(b)),
+                !name.is_empty() && name.iter().all(|&b| is_reg_name_byte(b)),
                 &value[end..],
             )
         }
@@ -189,17 +190,34 @@ fn is_host(value: &[u8]) -> bool {
     host_ok
         && match port {
             [] => true,
-            // `port = *DIGIT`: empty is allowed.
-            [b':', digits @ ..] => {
-                digits.len() <= 5
-                    && digits.iter().all(u8::is_ascii_digit)
-                    && digits
-                        .iter()
-                        .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
-                        <= 65535
-            }
+            // `port = *DIGIT`: empty is allowed, and so are leading zeros.
+            [b':', digits @ ..] => digits
+                .iter()
+                .try_fold(0u32, |n, &d| {
+                    let n = n * 10 + u32::from(d.wrapping_sub(b'0'));
+                    (d.is_ascii_digit() && n <= 65535).then_some(n)
+                })
+                .is_some(),
             _ => false,
         }
+}
+
+/// What RFC 3986 §3.2.2 allows inside brackets: an IPv6 address, or IPvFuture
+/// (`v` 1*HEXDIG `.` 1*( unreserved / sub-delims / `:` )). No zone identifier.
+fn is_ip_literal(literal: &[u8]) -> bool {
+    if let [b'v' | b'V', rest @ ..] = literal {
+        let dot = rest.iter().position(|&b| b == b'.');
+        return dot.is_some_and(|dot| {
+            let (version, tail) = (&rest[..dot], &rest[dot + 1..]);
+            !version.is_empty()
+                && version.iter().all(u8::is_ascii_hexdigit)
+                && !tail.is_empty()
+                && tail
+                    .iter()
+                    .all(|&b| b != b'%' && (is_reg_name_byte(b) || b == b':'))
+        });
+    }
+    std::str::from_utf8(literal).is_ok_and(|text| text.parse::<std::net::Ipv6Addr>().is_ok())
 }
 
 /// unreserved / sub-delims / the `%` of a pct-encoded byte (RFC 3986 §2).
@@ -688,13 +706,14 @@ mod tests {
             ("GET / HTTP/1.1\r\nHost: a:b\r\n\r\n", BadRequest("invalid host")),
             ("GET / HTTP/1.1\r\nHost: a:80:81\r\n\r\n", BadRequest("invalid host")),
             ("GET / HTTP/1.1\r\nHost: a:65536\r\n\r\n", BadRequest("invalid host")),
-            ("GET / HTTP/1.1\r\nHost: a:000080\r\n\r\n", BadRequest("invalid host")),
+            ("GET / HTTP/1.1\r\nHost: :80\r\n\r\n", BadRequest("invalid host")),
             ("GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", BadRequest("invalid host")),
             ("GET / HTTP/1.1\r\nHost: []\r\n\r\n", BadRequest("invalid host")),
             ("GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n", BadRequest("invalid host")),
             ("GET / HTTP/1.1\r\nHost: [::1]:x\r\n\r\n", BadRequest("invalid host")),
             ("GET / HTTP/1.1\r\nHost: a]\r\n\r\n", BadRequest("invalid host")),
             ("GET http://a:abc/x HTTP/1.1\r\nHost: a\r\n\r\n", BadRequest("invalid authority in request-target")),
+            ("GET http://:80/x HTTP/1.1\r\nHost: a\r\n\r\n", BadRequest("invalid authority in request-target")),
             ("GET * HTTP/1.1\r\nHost: a\r\n\r\n", BadRequest("asterisk-form target with a method other than options")),
             ("GET ftp://a/b HTTP/1.1\r\nHost: a\r\n\r\n", BadRequest("unsupported scheme in request-target")),
             ("GET http:///b HTTP/1.1\r\nHost: a\r\n\r\n", BadRequest("empty authority in request-target")),
@@ -912,25 +931,14 @@ mod tests {
 
     #[test]
     fn host_values_follow_the_uri_grammar() {
-        for host in [
-            "a",
-            "a:",
-            "a:80",
-            "a:65535",
-            "127.0.0.1:8080",
-            "[::1]",
-            "[::1]:8080",
-            "[v1.fe]",
-            "a,b",
-            "my_host.example",
-            "xn--e1afmkfd.xn--p1ai",
-            "",
-        ] {
+        let valid = "a a: a:80 a:65535 a:000080 127.0.0.1:8080 [::1] [::1]:8080 [2001:db8::7] \
+                     [::ffff:1.2.3.4] [v1.fe] [V1F.a:b] a,b a%41 my_host.example xn--p1ai";
+        for host in valid.split(' ').chain([""]) {
             assert!(is_host(host.as_bytes()), "{host:?}");
         }
-        for host in [
-            "a:b", "a:-1", "a:1:2", "a:65536", "[::1", "[]", "[::1]x", "a[b]", "a b",
-        ] {
+        let invalid = "a:b a:-1 a:1:2 a:65536 a:99999999999 [::1 [] [::1]x a[b] :80 : [,] \
+                       [1.2.3.4] [%] [::1%eth0] [v1.] [v.a] [vx.a] a:+80";
+        for host in invalid.split(' ').chain(["a b"]) {
             assert!(!is_host(host.as_bytes()), "{host:?}");
         }
     }
