@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -586,18 +586,7 @@ fn servers_lists_each_server_with_its_score_ejections_and_in_flight_count() {
 
 #[test]
 fn servers_shows_a_request_in_flight_while_the_backend_holds_it() {
-    let (release_tx, release_rx) = mpsc::channel::<()>();
-    let release_rx = Mutex::new(release_rx);
-    let backend = RawBackend::start(Arc::new(move |conn: TcpStream| {
-        let mut writer = conn.try_clone().unwrap();
-        let mut reader = BufReader::new(conn);
-        while read_request(&mut reader).is_some() {
-            if release_rx.lock().unwrap().recv_timeout(WAIT).is_err() {
-                return;
-            }
-            let _ = writer.write_all(&ok(b"held"));
-        }
-    }));
+    let (backend, release_tx) = held_backend();
     let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let in_flight = || {
         let (_, body) = balancer.admin_get("/servers");
@@ -657,11 +646,8 @@ fn slow_or_idle_admin_clients_never_delay_healthz() {
     drop(idle);
 }
 
-#[test]
-fn admin_connections_beyond_the_limit_get_503_at_once() {
-    let backend = Backend::named("a");
-    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
-    let admin = balancer.admin.expect("admin listener");
+/// Opens the 32 admin connections the limit allows and waits until a 33rd is refused.
+fn take_every_admin_slot(admin: SocketAddr) -> Vec<TcpStream> {
     let idle: Vec<TcpStream> = (0..32)
         .map(|_| TcpStream::connect(admin).unwrap())
         .collect();
@@ -669,6 +655,15 @@ fn admin_connections_beyond_the_limit_get_503_at_once() {
         admin_status_within(admin, "/healthz", Duration::from_secs(2)).as_deref()
             == Ok("HTTP/1.1 503 Service Unavailable")
     });
+    idle
+}
+
+#[test]
+fn admin_connections_beyond_the_limit_get_503_at_once() {
+    let backend = Backend::named("a");
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    let admin = balancer.admin.expect("admin listener");
+    let idle = take_every_admin_slot(admin);
     drop(idle);
     eventually("healthz once they are gone", || {
         admin_status_within(admin, "/healthz", Duration::from_secs(2)).as_deref()
@@ -681,13 +676,7 @@ fn every_admin_connection_beyond_the_limit_reads_its_whole_503() {
     let backend = Backend::named("a");
     let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let admin = balancer.admin.expect("admin listener");
-    let idle: Vec<TcpStream> = (0..32)
-        .map(|_| TcpStream::connect(admin).unwrap())
-        .collect();
-    eventually("the 32 idle connections to be taken", || {
-        admin_status_within(admin, "/healthz", Duration::from_secs(2)).as_deref()
-            == Ok("HTTP/1.1 503 Service Unavailable")
-    });
+    let idle = take_every_admin_slot(admin);
     // Requests sent at once and a moment after connecting: a request that reaches a socket the
     // refusal already closed (or that the refusal closes unread) draws a reset, which can
     // destroy the 503 before the client reads it.

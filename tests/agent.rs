@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use common::{
-    eventually, get, ok, read_request, reuseport_listener, server_set, spread, Agent, AgentConn,
-    Backend, Balancer, HeldPort, RawBackend, WAIT,
+    eventually, get, held_backend, reuseport_listener, server_set, spread, Agent, AgentConn,
+    Backend, Balancer, HeldPort, WAIT,
 };
 use serde_json::{json, Value};
 
@@ -210,18 +209,7 @@ fn removed_server_gets_no_new_requests() {
 
 #[test]
 fn a_server_added_back_while_its_requests_drain_still_counts_them_in_flight() {
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    let release_rx = std::sync::Mutex::new(release_rx);
-    let held = RawBackend::start(std::sync::Arc::new(move |conn: TcpStream| {
-        let mut writer = conn.try_clone().unwrap();
-        let mut reader = BufReader::new(conn);
-        while read_request(&mut reader).is_some() {
-            if release_rx.lock().unwrap().recv_timeout(WAIT).is_err() {
-                return;
-            }
-            let _ = writer.write_all(&ok(b"held"));
-        }
-    }));
+    let (held, release_tx) = held_backend();
     let other = Backend::named("other");
     let (balancer, _agent, mut conn) = with_agent(None, &[]);
     assert_eq!(conn.push(&server_set(&[(held.addr, 1.0)])), applied(1, 1));

@@ -964,6 +964,24 @@ pub fn read_request<R: BufRead>(r: &mut R) -> Option<RequestHeadParts> {
 /// How a `RawBackend` serves one accepted connection (it owns the socket).
 pub type ConnHandler = Arc<dyn Fn(TcpStream) + Send + Sync>;
 
+/// A backend that holds each request until the test sends on the returned channel (one
+/// send releases one request, answered 200 "held"), so a request can be kept in flight.
+pub fn held_backend() -> (RawBackend, mpsc::Sender<()>) {
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let backend = RawBackend::start(Arc::new(move |conn: TcpStream| {
+        let mut writer = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        while read_request(&mut reader).is_some() {
+            if release_rx.lock().unwrap().recv_timeout(WAIT).is_err() {
+                return;
+            }
+            let _ = writer.write_all(&ok(b"held"));
+        }
+    }));
+    (backend, release_tx)
+}
+
 /// A backend that hands each accepted connection to a test-written function, for exchanges
 /// the programmable `Backend` cannot express (answering before reading a body, and so on).
 pub struct RawBackend {
