@@ -168,10 +168,10 @@ fn refuse(mut stream: TcpStream) {
     let deadline = Instant::now() + REFUSAL_LINGER;
     let mut head = Vec::new();
     read_until(&mut stream, deadline, &mut head, |h| {
-        h.len() == KEPT || h.windows(4).any(|w| w == b"\r\n\r\n")
+        h.len() == KEPT || request_method(h).is_some()
     });
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    let written = if head.starts_with(b"HEAD ") {
+    let written = if request_method(&head) == Some("HEAD") {
         write_head(&mut stream, 503, "text/plain", REFUSAL.len())
     } else {
         respond(&mut stream, 503, "text/plain", REFUSAL)
@@ -179,6 +179,18 @@ fn refuse(mut stream: TcpStream) {
     if written.is_ok() {
         let _ = stream.shutdown(std::net::Shutdown::Write);
         read_until(&mut stream, deadline, &mut head, |_| false);
+    }
+}
+
+/// The method of a complete request head, as `handle` would read it (`Some("")` for a head
+/// that cannot be parsed); `None` while incomplete.
+fn request_method(head: &[u8]) -> Option<&str> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => Some(req.method.unwrap_or("")),
+        Ok(httparse::Status::Partial) => None,
+        Err(_) => Some(""),
     }
 }
 

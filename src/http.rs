@@ -259,6 +259,10 @@ enum Field {
     XForwardedProto,
     IfNoneMatch,
     IfModifiedSince,
+    IfMatch,
+    IfUnmodifiedSince,
+    IfRange,
+    Range,
     Other,
 }
 
@@ -268,8 +272,10 @@ impl Field {
         let candidates: &[(&[u8], Field)] = match name.len() {
             2 => &[(b"te", Field::Te)],
             4 => &[(b"host", Field::Host)],
+            5 => &[(b"range", Field::Range)],
             6 => &[(b"expect", Field::Expect)],
             7 => &[(b"upgrade", Field::Upgrade), (b"trailer", Field::Trailer)],
+            8 => &[(b"if-match", Field::IfMatch), (b"if-range", Field::IfRange)],
             10 => &[
                 (b"connection", Field::Connection),
                 (b"keep-alive", Field::KeepAlive),
@@ -286,6 +292,7 @@ impl Field {
                 (b"x-forwarded-proto", Field::XForwardedProto),
                 (b"if-modified-since", Field::IfModifiedSince),
             ],
+            19 => &[(b"if-unmodified-since", Field::IfUnmodifiedSince)],
             _ => &[],
         };
         candidates
@@ -375,6 +382,24 @@ impl RequestHead {
         self.headers
             .iter()
             .any(|h| matches!(h.field, Field::IfNoneMatch | Field::IfModifiedSince))
+    }
+
+    /// A GET whose answer is the whole current response, as the cache stores it: no
+    /// precondition and no `Range`, whose 304, 412 or 206 would say nothing about whether the
+    /// resource may be stored. Only such a request leads a fetch other misses wait for.
+    pub fn is_plain_get(&self) -> bool {
+        !self.is_head
+            && !self.headers.iter().any(|h| {
+                matches!(
+                    h.field,
+                    Field::IfNoneMatch
+                        | Field::IfModifiedSince
+                        | Field::IfMatch
+                        | Field::IfUnmodifiedSince
+                        | Field::IfRange
+                        | Field::Range
+                )
+            })
     }
 
     /// The path and query; `/` for an absolute-form target with nothing after the authority.
@@ -544,6 +569,10 @@ mod tests {
             ("x-forwarded-proto", Field::XForwardedProto),
             ("if-none-match", Field::IfNoneMatch),
             ("if-modified-since", Field::IfModifiedSince),
+            ("if-match", Field::IfMatch),
+            ("if-unmodified-since", Field::IfUnmodifiedSince),
+            ("if-range", Field::IfRange),
+            ("range", Field::Range),
         ];
         let tchars =
             b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";

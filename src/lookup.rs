@@ -164,16 +164,20 @@ pub async fn consult(
     };
     let key = CacheKey::new(&candidate.host, &candidate.target);
     let deadline = started + shard.config.request_timeout;
-    // A HEAD's response is not stored, so GETs must not wait for one; nor is a conditional
-    // request's 304, which says nothing about whether the resource may be stored. Both still
-    // wait for a flight that is running, and are served from what it stores.
-    let may_lead = !head.is_head && !head.is_conditional();
-    let mut rejoined_after_store = false;
+    // A HEAD's response is not stored, so GETs must not wait for one; nor is a conditional or
+    // partial request's 304, 412 or 206, which says nothing about whether the resource may
+    // be stored. They still wait for a flight that is running, and are served from what it
+    // stores.
+    let may_lead = head.is_plain_get();
+    // Flights are per URL until one stores another `Accept-Encoding` variant than this
+    // request's; then per variant, so each variant's misses share one fetch.
+    let mut flight_key = key;
+    let mut waited_before = false;
     loop {
         let join = shard
             .flights
             .borrow_mut()
-            .join(&key, may_lead, glommio::timer::now());
+            .join(&flight_key, may_lead, glommio::timer::now());
         match join {
             Join::Wait(flight) => {
                 let waited = glommio::timer::timeout(
@@ -184,6 +188,7 @@ pub async fn consult(
                     },
                 )
                 .await;
+                waited_before = true;
                 let ae = candidate.accept_encoding.as_deref();
                 if let Some((entry, now)) = get(shard, &candidate.host, &candidate.target, ae) {
                     return CacheStep::Served(
@@ -196,12 +201,13 @@ pub async fn consult(
                 if waited.is_ok() && flight.end() == FlightEnd::Abandoned {
                     continue;
                 }
-                // The leader stored another `Accept-Encoding` variant (flights are per URL):
-                // the waiters of this one lead or wait once more rather than all going to the
-                // backend. Once only, so entries that cannot be found (gone at once) never
-                // make waiters queue behind each other.
-                if waited.is_ok() && flight.end() == FlightEnd::Done && !rejoined_after_store {
-                    rejoined_after_store = true;
+                // The leader stored another `Accept-Encoding` variant: this variant's waiters
+                // lead or wait once more, on a flight of their variant, rather than all going
+                // to the backend. Once only, so entries that cannot be found (gone at once)
+                // never make waiters queue behind each other.
+                let variant_key = flight_key.with_accept_encoding(ae);
+                if waited.is_ok() && flight.end() == FlightEnd::Done && flight_key != variant_key {
+                    flight_key = variant_key;
                     continue;
                 }
                 shard.metrics.cache_misses.inc();
@@ -232,9 +238,17 @@ pub async fn consult(
             Join::Lead(flight) => {
                 shard.metrics.cache_misses.inc();
                 let mut forward = Forward::plain(shard, Some(candidate));
+                // A waiter that leads has only what is left of its REQUEST_TIMEOUT.
+                if waited_before {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left < MIN_HEAD_WAIT {
+                        return CacheStep::TimedOut;
+                    }
+                    forward.head_timeout = left;
+                }
                 forward.flight = Some(FlightGuard {
                     shard: shard.clone(),
-                    key,
+                    key: flight_key,
                     flight,
                 });
                 return CacheStep::Forward(forward);

@@ -688,11 +688,15 @@ fn every_admin_connection_beyond_the_limit_reads_its_whole_503() {
             std::thread::sleep(Duration::from_millis(20));
         }
         // A HEAD gets the head alone, here as everywhere (RFC 9110 §9.3.2).
-        let (method, end) = match i % 3 {
-            2 => ("HEAD", "Connection: close\r\n\r\n"),
-            _ => ("GET", "\r\n\r\ntoo many admin connections\n"),
+        // Bare LFs and an empty line first: read as the admin reads any request.
+        let (request, end) = match i % 4 {
+            2 => ("HEAD /healthz HTTP/1.1\r\nHost: a\r\n\r\n", "close\r\n\r\n"),
+            3 => ("\r\nHEAD /healthz HTTP/1.1\nHost: a\n\n", "close\r\n\r\n"),
+            _ => (
+                "GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n",
+                "\r\n\r\ntoo many admin connections\n",
+            ),
         };
-        let request = format!("{method} /healthz HTTP/1.1\r\nHost: a\r\n\r\n");
         let sent = s.write_all(request.as_bytes());
         let mut all = Vec::new();
         let read = std::io::Read::read_to_end(&mut s, &mut all);

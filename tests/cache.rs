@@ -1301,10 +1301,11 @@ fn a_conditional_miss_neither_leads_nor_stops_coalescing() {
     );
 }
 
-/// Flights are per URL, entries per `Accept-Encoding` variant: waiters for another variant
-/// than the leader's must not all go to the backend once it is done.
+/// Flights are per URL, entries per `Accept-Encoding` variant: waiters for other variants
+/// than the leader's must not all go to the backend once it is done, but share one fetch
+/// per variant.
 #[test]
-fn waiters_for_another_variant_than_the_leaders_lead_once_more() {
+fn waiters_for_other_variants_than_the_leaders_share_one_fetch_per_variant() {
     let backend = Backend::start(Arc::new(move |seen: &Seen| {
         let coding = seen.header("Accept-Encoding").unwrap_or("none").to_owned();
         let reply = response(
@@ -1322,7 +1323,48 @@ fn waiters_for_another_variant_than_the_leaders_lead_once_more() {
     eventually("the gzip leader reaches the backend", || {
         backend.requests() >= 1
     });
-    let br = concurrent_gets_with(&lb, "/v.js", &[("Accept-Encoding", "br")], 4);
+    let br = concurrent_gets_with(&lb, "/v.js", &[("Accept-Encoding", "br")], 3);
+    let plain = concurrent_gets(&lb, "/v.js", 3);
+    let text = |c: std::thread::JoinHandle<Response>| c.join().expect("client").text();
+    assert!(gzip.into_iter().all(|c| text(c) == "gzip"));
+    assert!(br.into_iter().all(|c| text(c) == "br"));
+    assert!(plain.into_iter().all(|c| text(c) == "none"));
+    assert_eq!(backend.requests(), 3, "one request per variant");
+}
+
+/// A waiter that leads a fetch of its own after waiting has only what is left of its
+/// `REQUEST_TIMEOUT`: a slow backend costs it one timeout, not two.
+#[test]
+fn a_waiter_that_leads_after_waiting_has_only_the_rest_of_its_timeout() {
+    let backend = Backend::start(Arc::new(move |seen: &Seen| {
+        if seen.header("Accept-Encoding") == Some("br") {
+            return Reply::Delay(Duration::from_secs(10), Box::new(Reply::Close));
+        }
+        let reply = response(
+            "200 OK",
+            &[
+                ("Cache-Control", "max-age=300"),
+                ("Vary", "Accept-Encoding"),
+            ],
+            b"gzip",
+        );
+        Reply::Delay(Duration::from_millis(2500), Box::new(Reply::Bytes(reply)))
+    }));
+    let lb = balancer(
+        &backend,
+        &[("BALANCER_CPUS", "0"), ("REQUEST_TIMEOUT", "3")],
+    );
+    let gzip = concurrent_gets_with(&lb, "/slow.js", &[("Accept-Encoding", "gzip")], 1);
+    eventually("the gzip leader reaches the backend", || {
+        backend.requests() >= 1
+    });
+    let sent = Instant::now();
+    let br = concurrent_gets_with(&lb, "/slow.js", &[("Accept-Encoding", "br")], 1);
+    let r = br.into_iter().next().unwrap().join().expect("client");
+    let took = sent.elapsed();
+    assert_eq!(r.status, 504);
+    // About 3 s with the rest of its time, about 5.5 s with a fresh REQUEST_TIMEOUT.
+    assert!(took < Duration::from_millis(4500), "504 after {took:?}");
     assert_eq!(
         gzip.into_iter()
             .next()
@@ -1332,10 +1374,45 @@ fn waiters_for_another_variant_than_the_leaders_lead_once_more() {
             .text(),
         "gzip"
     );
-    for client in br {
-        assert_eq!(client.join().expect("client").text(), "br");
+}
+
+/// A `Range` (or precondition) miss may get a 206 (or 412), which says nothing about whether
+/// the resource may be stored: plain misses must not wait for it, nor be kept from the cache.
+#[test]
+fn a_range_miss_never_leads_the_plain_misses() {
+    let body = pattern(5_000, 14);
+    let whole = response("200 OK", &[("Cache-Control", "max-age=300")], &body);
+    let partial = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-0/5000\r\nContent-Length: 1\r\n\r\nx".to_vec();
+    let backend = Backend::start(Arc::new(move |seen: &Seen| {
+        let reply = if seen.header("Range").is_some() {
+            partial.clone()
+        } else {
+            whole.clone()
+        };
+        Reply::Delay(Duration::from_millis(400), Box::new(Reply::Bytes(reply)))
+    }));
+    let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
+    let ranged = concurrent_gets_with(&lb, "/r.css", &[("Range", "bytes=0-0")], 1);
+    eventually("the range miss reaches the backend", || {
+        backend.requests() >= 1
+    });
+    let plain = concurrent_gets(&lb, "/r.css", 4);
+    assert_eq!(
+        ranged
+            .into_iter()
+            .next()
+            .unwrap()
+            .join()
+            .expect("client")
+            .status,
+        206
+    );
+    for client in plain {
+        let r = client.join().expect("client");
+        assert_eq!((r.status, hash(&r.body)), (200, hash(&body)));
     }
-    assert_eq!(backend.requests(), 2, "one request per variant");
+    assert_eq!(backend.requests(), 2, "the range miss and one leader");
+    assert_eq!(x_cache(&fetch(&lb, "/r.css")), Some("HIT"));
 }
 
 /// The first client of a burst gives up before the answer comes: its fetch is abandoned, and
