@@ -168,10 +168,10 @@ fn refuse(mut stream: TcpStream) {
     let deadline = Instant::now() + REFUSAL_LINGER;
     let mut head = Vec::new();
     read_until(&mut stream, deadline, &mut head, |h| {
-        h.len() == KEPT || request_method(h).is_some()
+        h.len() == KEPT || head_is_in(h)
     });
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    let written = if request_method(&head) == Some("HEAD") {
+    let written = if is_head_request(&head) {
         write_head(&mut stream, 503, "text/plain", REFUSAL.len())
     } else {
         respond(&mut stream, 503, "text/plain", REFUSAL)
@@ -182,16 +182,27 @@ fn refuse(mut stream: TcpStream) {
     }
 }
 
-/// The method of a complete request head, as `handle` would read it (`Some("")` for a head
-/// that cannot be parsed); `None` while incomplete.
-fn request_method(head: &[u8]) -> Option<&str> {
+/// Whether a request head is all in, or cannot be one, as `handle` would parse it.
+fn head_is_in(head: &[u8]) -> bool {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
-        Ok(httparse::Status::Complete(_)) => Some(req.method.unwrap_or("")),
-        Ok(httparse::Status::Partial) => None,
-        Err(_) => Some(""),
+    !matches!(req.parse(head), Ok(httparse::Status::Partial))
+}
+
+/// Whether a request (complete or not, parseable or not) asks for `HEAD`: its first line
+/// after any empty ones, as httparse reads it.
+fn is_head_request(head: &[u8]) -> bool {
+    let start = head.iter().position(|&b| b != b'\r' && b != b'\n');
+    start.is_some_and(|i| head[i..].starts_with(b"HEAD "))
+}
+
+/// An error answer to what was read of a request: the head alone to a `HEAD`.
+fn answer(stream: &mut TcpStream, request: &[u8], status: u16, body: &str) -> io::Result<()> {
+    if is_head_request(request) {
+        write_head(stream, status, "text/plain", body.len())?;
+        return stream.flush();
     }
+    respond(stream, status, "text/plain", body)
 }
 
 /// What a refusal keeps of a request: enough for its request line.
@@ -254,7 +265,7 @@ fn handle(mut stream: TcpStream, status: &Status) -> io::Result<()> {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return respond(&mut stream, 408, "text/plain", "request timeout\n")
+                return answer(&mut stream, &buf[..len], 408, "request timeout\n")
             }
             Err(e) => return Err(e),
         };
@@ -272,7 +283,7 @@ fn handle(mut stream: TcpStream, status: &Status) -> io::Result<()> {
                 )
             }
             Ok(httparse::Status::Partial) if len < buf.len() => continue,
-            _ => return respond(&mut stream, 400, "text/plain", "bad request\n"),
+            _ => return answer(&mut stream, &buf[..len], 400, "bad request\n"),
         }
     };
     let path = path.split('?').next().unwrap_or("");

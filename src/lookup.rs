@@ -163,16 +163,20 @@ pub async fn consult(
         accept_encoding: accept_encoding.map(<[u8]>::to_vec),
     };
     let key = CacheKey::new(&candidate.host, &candidate.target);
-    let deadline = started + shard.config.request_timeout;
+    let mut deadline = started + shard.config.request_timeout;
     // A HEAD's response is not stored, so GETs must not wait for one; nor is a conditional or
     // partial request's 304, 412 or 206, which says nothing about whether the resource may
     // be stored. They still wait for a flight that is running, and are served from what it
     // stores.
     let may_lead = head.is_plain_get();
     // Flights are per URL until one stores another `Accept-Encoding` variant than this
-    // request's; then per variant, so each variant's misses share one fetch.
-    let mut flight_key = key;
-    let mut waited_before = false;
+    // request's; then, for a while, per variant, so each variant's misses share one fetch.
+    let variant_key = key.with_accept_encoding(candidate.accept_encoding.as_deref());
+    let mut flight_key = if shard.flights.borrow().variant_flights(&key, Instant::now()) {
+        variant_key.clone()
+    } else {
+        key.clone()
+    };
     loop {
         let join = shard
             .flights
@@ -188,7 +192,6 @@ pub async fn consult(
                     },
                 )
                 .await;
-                waited_before = true;
                 let ae = candidate.accept_encoding.as_deref();
                 if let Some((entry, now)) = get(shard, &candidate.host, &candidate.target, ae) {
                     return CacheStep::Served(
@@ -203,11 +206,15 @@ pub async fn consult(
                 }
                 // The leader stored another `Accept-Encoding` variant: this variant's waiters
                 // lead or wait once more, on a flight of their variant, rather than all going
-                // to the backend. Once only, so entries that cannot be found (gone at once)
-                // never make waiters queue behind each other.
-                let variant_key = flight_key.with_accept_encoding(ae);
+                // to the backend; a healthy backend answering each fetch within REQUEST_TIMEOUT
+                // never times them out. Once only, so entries that cannot be found (gone at
+                // once) never make waiters queue behind each other.
                 if waited.is_ok() && flight.end() == FlightEnd::Done && flight_key != variant_key {
-                    flight_key = variant_key;
+                    let now = Instant::now();
+                    shard.flights.borrow_mut().remember_varies(&key, now);
+                    flight_key = variant_key.clone();
+                    // What follows is another fetch, with a REQUEST_TIMEOUT of its own.
+                    deadline = now + shard.config.request_timeout;
                     continue;
                 }
                 shard.metrics.cache_misses.inc();
@@ -237,15 +244,10 @@ pub async fn consult(
             }
             Join::Lead(flight) => {
                 shard.metrics.cache_misses.inc();
+                // A fetch has its own REQUEST_TIMEOUT, also when its client waited for another
+                // first (SPEC §6: the timeout bounds a backend's answer; a healthy backend must
+                // not be timed out, nor a dead one go uncounted, for a wait elsewhere).
                 let mut forward = Forward::plain(shard, Some(candidate));
-                // A waiter that leads has only what is left of its REQUEST_TIMEOUT.
-                if waited_before {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left < MIN_HEAD_WAIT {
-                        return CacheStep::TimedOut;
-                    }
-                    forward.head_timeout = left;
-                }
                 forward.flight = Some(FlightGuard {
                     shard: shard.clone(),
                     key: flight_key,

@@ -687,11 +687,14 @@ fn every_admin_connection_beyond_the_limit_reads_its_whole_503() {
         if i % 2 == 1 {
             std::thread::sleep(Duration::from_millis(20));
         }
-        // A HEAD gets the head alone, here as everywhere (RFC 9110 §9.3.2).
-        // Bare LFs and an empty line first: read as the admin reads any request.
-        let (request, end) = match i % 4 {
+        // A HEAD gets the head alone, here as everywhere (RFC 9110 §9.3.2), also one with
+        // more fields than the admin parses. Bare LFs and an empty line first: read as the
+        // admin reads any request.
+        let crowded = format!("HEAD /healthz HTTP/1.1\r\n{}\r\n", "X-A: b\r\n".repeat(70));
+        let (request, end) = match i % 5 {
             2 => ("HEAD /healthz HTTP/1.1\r\nHost: a\r\n\r\n", "close\r\n\r\n"),
             3 => ("\r\nHEAD /healthz HTTP/1.1\nHost: a\n\n", "close\r\n\r\n"),
+            4 => (crowded.as_str(), "close\r\n\r\n"),
             _ => (
                 "GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n",
                 "\r\n\r\ntoo many admin connections\n",
@@ -708,6 +711,25 @@ fn every_admin_connection_beyond_the_limit_reads_its_whole_503() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
     drop(idle);
+}
+
+#[test]
+fn a_bad_admin_head_request_gets_its_error_without_a_body() {
+    let backend = Backend::named("a");
+    let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
+    let admin = balancer.admin.expect("admin listener");
+    let crowded = format!("HEAD /healthz HTTP/1.1\r\n{}\r\n", "X-A: b\r\n".repeat(70));
+    let mut s = TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(crowded.as_bytes()).unwrap();
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut all).unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(
+        text.ends_with("\r\n\r\n"),
+        "a body followed the head: {text}"
+    );
 }
 
 #[test]

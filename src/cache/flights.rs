@@ -96,6 +96,9 @@ pub struct Flights {
     /// header), and 4096 of them must not pin 256 MiB. Two keys sharing a hash only cost the
     /// second one its coalescing.
     pass: HashMap<u64, Instant>,
+    /// URLs whose stored responses vary by `Accept-Encoding`, by the same hash, until when:
+    /// their misses fetch per variant (`variant_flights`), not all behind one variant's fetch.
+    varies: HashMap<u64, Instant>,
     hasher: RandomState,
     pass_for: Duration,
 }
@@ -106,6 +109,7 @@ impl Flights {
         Flights {
             leading: HashMap::new(),
             pass: HashMap::new(),
+            varies: HashMap::new(),
             hasher: RandomState::new(),
             pass_for,
         }
@@ -150,14 +154,23 @@ impl Flights {
     }
 
     fn remember_pass(&mut self, key: &CacheKey, now: Instant) {
-        if self.pass.len() >= MAX_PASS_KEYS {
-            self.pass.retain(|_, until| *until > now);
-            if self.pass.len() >= MAX_PASS_KEYS {
-                return;
-            }
-        }
-        self.pass
-            .insert(self.hasher.hash_one(key), now + self.pass_for);
+        let hash = self.hasher.hash_one(key);
+        remember(&mut self.pass, hash, now, now + self.pass_for);
+    }
+
+    /// The URL of `key` was found to store its responses per `Accept-Encoding` variant (a
+    /// waiter found the leader's variant, not its own): for a while, its misses coalesce per
+    /// variant from the start.
+    pub fn remember_varies(&mut self, key: &CacheKey, now: Instant) {
+        let hash = self.hasher.hash_one(key);
+        remember(&mut self.varies, hash, now, now + self.pass_for);
+    }
+
+    /// Whether the URL of `key` was lately found to vary (`remember_varies`).
+    pub fn variant_flights(&self, key: &CacheKey, now: Instant) -> bool {
+        self.varies
+            .get(&self.hasher.hash_one(key))
+            .is_some_and(|until| *until > now)
     }
 
     /// Keys remembered as pass (expired ones included until they are swept).
@@ -166,9 +179,36 @@ impl Flights {
     }
 }
 
+/// Remembers `hash` until `until` in a map bounded by `MAX_PASS_KEYS` (expired entries are
+/// swept when it is full; past that, new ones are not remembered).
+fn remember(map: &mut HashMap<u64, Instant>, hash: u64, now: Instant, until: Instant) {
+    if map.len() >= MAX_PASS_KEYS {
+        map.retain(|_, until| *until > now);
+        if map.len() >= MAX_PASS_KEYS {
+            return;
+        }
+    }
+    map.insert(hash, until);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_found_to_vary_is_remembered_for_a_while() {
+        let mut flights = Flights::new(Duration::from_secs(10));
+        let (now, url, other) = (
+            Instant::now(),
+            CacheKey::new(b"h", b"/a.js"),
+            CacheKey::new(b"h", b"/b.js"),
+        );
+        assert!(!flights.variant_flights(&url, now));
+        flights.remember_varies(&url, now);
+        assert!(flights.variant_flights(&url, now + Duration::from_secs(9)));
+        assert!(!flights.variant_flights(&url, now + Duration::from_secs(10)));
+        assert!(!flights.variant_flights(&other, now));
+    }
 
     fn key(target: &str) -> CacheKey {
         CacheKey::new(b"example.com", target.as_bytes())
