@@ -317,6 +317,12 @@ impl Cache {
         }
     }
 
+    /// Whether the URL has responses stored per `Accept-Encoding` variant (its backend sent
+    /// `Vary: Accept-Encoding`).
+    pub fn has_variants(&self, host: &[u8], target: &[u8]) -> bool {
+        self.variants.contains_key(&CacheKey::new(host, target))
+    }
+
     /// The fresh response for this request, if any. A plain entry wins; otherwise, when the
     /// stored response varied on `Accept-Encoding`, the variant for `accept_encoding`. An expired
     /// entry is removed, never returned. Counts a hit or a miss.

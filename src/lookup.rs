@@ -177,6 +177,7 @@ pub async fn consult(
     } else {
         key.clone()
     };
+    let mut rejoined = false;
     loop {
         let join = shard
             .flights
@@ -200,20 +201,30 @@ pub async fn consult(
                 }
                 // The leader's client left before its response was stored: one waiter leads
                 // the next attempt and the others wait for it, rather than each going to the
-                // backend. Each waits within its own REQUEST_TIMEOUT all the same.
+                // backend. That is another fetch, with a REQUEST_TIMEOUT of its own.
                 if waited.is_ok() && flight.end() == FlightEnd::Abandoned {
+                    deadline = Instant::now() + shard.config.request_timeout;
                     continue;
                 }
-                // The leader stored another `Accept-Encoding` variant: this variant's waiters
-                // lead or wait once more, on a flight of their variant, rather than all going
-                // to the backend; a healthy backend answering each fetch within REQUEST_TIMEOUT
-                // never times them out. Once only, so entries that cannot be found (gone at
-                // once) never make waiters queue behind each other.
-                if waited.is_ok() && flight.end() == FlightEnd::Done && flight_key != variant_key {
+                // The leader is done and nothing here is stored for this request: it stored
+                // another `Accept-Encoding` variant, or it failed. The waiters lead or wait
+                // once more rather than all going to the backend at once: on a flight of
+                // their variant (and the URL is remembered as varying) if the leader stored
+                // another one, else on the same flight key. Each such fetch has a
+                // REQUEST_TIMEOUT of its own, so a healthy backend never times them out. Once
+                // only, so entries that cannot be found (gone at once) never make waiters
+                // queue behind each other.
+                if waited.is_ok() && flight.end() == FlightEnd::Done && !rejoined {
+                    rejoined = true;
                     let now = Instant::now();
-                    shard.flights.borrow_mut().remember_varies(&key, now);
-                    flight_key = variant_key.clone();
-                    // What follows is another fetch, with a REQUEST_TIMEOUT of its own.
+                    let varies = shard
+                        .cache
+                        .borrow()
+                        .has_variants(&candidate.host, &candidate.target);
+                    if varies && flight_key != variant_key {
+                        shard.flights.borrow_mut().remember_varies(&key, now);
+                        flight_key = variant_key.clone();
+                    }
                     deadline = now + shard.config.request_timeout;
                     continue;
                 }

@@ -1420,13 +1420,18 @@ fn a_range_miss_never_leads_the_plain_misses() {
 fn waiters_elect_a_new_leader_when_the_first_client_leaves() {
     let body = pattern(20_000, 12);
     let reply = response("200 OK", &[("Cache-Control", "max-age=300")], &body);
+    // Each fetch answers within REQUEST_TIMEOUT, the two of them together do not: the new
+    // leader's fetch has a whole REQUEST_TIMEOUT of its own, for its waiters too.
     let backend = Backend::start(Arc::new(move |_: &Seen| {
         Reply::Delay(
-            Duration::from_millis(800),
+            Duration::from_millis(1200),
             Box::new(Reply::Bytes(reply.clone())),
         )
     }));
-    let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
+    let lb = balancer(
+        &backend,
+        &[("BALANCER_CPUS", "0"), ("REQUEST_TIMEOUT", "2")],
+    );
     let mut first = connect(lb.addr);
     first
         .write_all(raw_request("GET", "/abandoned.css", &[], false).as_bytes())
@@ -1452,6 +1457,61 @@ fn waiters_elect_a_new_leader_when_the_first_client_leaves() {
         "{} backend requests: the abandoned fetch and one more at most",
         backend.requests()
     );
+}
+
+/// A leader that fails (502) stored nothing: its waiters share one more fetch rather than all
+/// going to the backend, and the URL is not taken for one that varies by `Accept-Encoding`.
+#[test]
+fn waiters_of_a_failed_leader_share_one_retry() {
+    let body = pattern(5_000, 15);
+    let reply = response("200 OK", &[("Cache-Control", "max-age=1")], &body);
+    let first = Arc::new(AtomicBool::new(true));
+    let backend = Backend::start(Arc::new(move |_: &Seen| {
+        let failed = first.swap(false, SeqCst);
+        let answer = if failed {
+            Reply::Close
+        } else {
+            Reply::Bytes(reply.clone())
+        };
+        Reply::Delay(Duration::from_millis(400), Box::new(answer))
+    }));
+    let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
+    let leader = concurrent_gets(&lb, "/f.js", 1);
+    eventually("the leader reaches the backend", || backend.requests() >= 1);
+    let burst = |lb: &Balancer| {
+        let mut clients = Vec::new();
+        for coding in ["gzip", "br", "zstd", "gzip, br"] {
+            clients.extend(concurrent_gets_with(
+                lb,
+                "/f.js",
+                &[("Accept-Encoding", coding)],
+                2,
+            ));
+        }
+        clients
+    };
+    let waiters = burst(&lb);
+    assert_eq!(
+        leader
+            .into_iter()
+            .next()
+            .unwrap()
+            .join()
+            .expect("client")
+            .status,
+        502
+    );
+    for client in waiters {
+        let r = client.join().expect("client");
+        assert_eq!((r.status, hash(&r.body)), (200, hash(&body)));
+    }
+    assert_eq!(backend.requests(), 2, "the failed fetch and one more");
+    // Expired: one fetch for a burst of every encoding, as for any URL that does not vary.
+    std::thread::sleep(Duration::from_millis(1100));
+    for client in burst(&lb) {
+        assert_eq!(client.join().expect("client").status, 200);
+    }
+    assert_eq!(backend.requests(), 3, "one fetch for the second burst");
 }
 
 #[test]
