@@ -1283,17 +1283,9 @@ fn a_conditional_miss_neither_leads_nor_stops_coalescing() {
         backend.requests() >= 3
     });
     let plain = concurrent_gets(&lb, "/during.css", 4);
-    let r = conditional
-        .into_iter()
-        .next()
-        .unwrap()
-        .join()
-        .expect("client");
+    let r = only(conditional);
     assert_eq!(r.status, 304);
-    for client in plain {
-        let r = client.join().expect("client");
-        assert_eq!((r.status, hash(&r.body)), (200, hash(&body)));
-    }
+    assert_all_get(&body, plain);
     assert_eq!(
         backend.requests(),
         4,
@@ -1301,12 +1293,26 @@ fn a_conditional_miss_neither_leads_nor_stops_coalescing() {
     );
 }
 
-/// Flights are per URL, entries per `Accept-Encoding` variant: waiters for other variants
-/// than the leader's must not all go to the backend once it is done, but share one fetch
-/// per variant.
-#[test]
-fn waiters_for_other_variants_than_the_leaders_share_one_fetch_per_variant() {
-    let backend = Backend::start(Arc::new(move |seen: &Seen| {
+/// The response of the one client in `clients`.
+fn only(clients: Vec<std::thread::JoinHandle<Response>>) -> Response {
+    let mut clients = clients.into_iter();
+    let client = clients.next().expect("one client");
+    assert!(clients.next().is_none(), "one client only");
+    client.join().expect("client")
+}
+
+/// Asserts every client got 200 with `body`.
+fn assert_all_get(body: &[u8], clients: Vec<std::thread::JoinHandle<Response>>) {
+    for (i, client) in clients.into_iter().enumerate() {
+        let r = client.join().expect("client");
+        assert_eq!((r.status, hash(&r.body)), (200, hash(body)), "client {i}");
+    }
+}
+
+/// A backend answering, after `delay`, a storable body that names the request's
+/// `Accept-Encoding` (or "none"), with `Vary: Accept-Encoding`.
+fn varying_origin(delay: Duration) -> Backend {
+    Backend::start(Arc::new(move |seen: &Seen| {
         let coding = seen.header("Accept-Encoding").unwrap_or("none").to_owned();
         let reply = response(
             "200 OK",
@@ -1316,8 +1322,16 @@ fn waiters_for_other_variants_than_the_leaders_share_one_fetch_per_variant() {
             ],
             coding.as_bytes(),
         );
-        Reply::Delay(Duration::from_millis(400), Box::new(Reply::Bytes(reply)))
-    }));
+        Reply::Delay(delay, Box::new(Reply::Bytes(reply)))
+    }))
+}
+
+/// Flights are per URL, entries per `Accept-Encoding` variant: waiters for other variants
+/// than the leader's must not all go to the backend once it is done, but share one fetch
+/// per variant.
+#[test]
+fn waiters_for_other_variants_than_the_leaders_share_one_fetch_per_variant() {
+    let backend = varying_origin(Duration::from_millis(400));
     let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
     let gzip = concurrent_gets_with(&lb, "/v.js", &[("Accept-Encoding", "gzip")], 1);
     eventually("the gzip leader reaches the backend", || {
@@ -1337,18 +1351,7 @@ fn waiters_for_other_variants_than_the_leaders_share_one_fetch_per_variant() {
 /// once the URL is known to vary, later misses join their own variant's fetch at once.
 #[test]
 fn a_variant_fetch_after_a_wait_has_a_whole_timeout_and_later_misses_join_it() {
-    let backend = Backend::start(Arc::new(move |seen: &Seen| {
-        let coding = seen.header("Accept-Encoding").unwrap_or("none").to_owned();
-        let reply = response(
-            "200 OK",
-            &[
-                ("Cache-Control", "max-age=300"),
-                ("Vary", "Accept-Encoding"),
-            ],
-            coding.as_bytes(),
-        );
-        Reply::Delay(Duration::from_millis(1200), Box::new(Reply::Bytes(reply)))
-    }));
+    let backend = varying_origin(Duration::from_millis(1200));
     let lb = balancer(
         &backend,
         &[("BALANCER_CPUS", "0"), ("REQUEST_TIMEOUT", "2")],
@@ -1395,20 +1398,8 @@ fn a_range_miss_never_leads_the_plain_misses() {
         backend.requests() >= 1
     });
     let plain = concurrent_gets(&lb, "/r.css", 4);
-    assert_eq!(
-        ranged
-            .into_iter()
-            .next()
-            .unwrap()
-            .join()
-            .expect("client")
-            .status,
-        206
-    );
-    for client in plain {
-        let r = client.join().expect("client");
-        assert_eq!((r.status, hash(&r.body)), (200, hash(&body)));
-    }
+    assert_eq!(only(ranged).status, 206);
+    assert_all_get(&body, plain);
     assert_eq!(backend.requests(), 2, "the range miss and one leader");
     assert_eq!(x_cache(&fetch(&lb, "/r.css")), Some("HIT"));
 }
@@ -1491,20 +1482,8 @@ fn waiters_of_a_failed_leader_share_one_retry() {
         clients
     };
     let waiters = burst(&lb);
-    assert_eq!(
-        leader
-            .into_iter()
-            .next()
-            .unwrap()
-            .join()
-            .expect("client")
-            .status,
-        502
-    );
-    for client in waiters {
-        let r = client.join().expect("client");
-        assert_eq!((r.status, hash(&r.body)), (200, hash(&body)));
-    }
+    assert_eq!(only(leader).status, 502);
+    assert_all_get(&body, waiters);
     assert_eq!(backend.requests(), 2, "the failed fetch and one more");
     // Expired: one fetch for a burst of every encoding, as for any URL that does not vary.
     std::thread::sleep(Duration::from_millis(1100));
