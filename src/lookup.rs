@@ -177,7 +177,7 @@ pub async fn consult(
     } else {
         key.clone()
     };
-    let mut rejoined = false;
+    let (mut split, mut retried) = (false, false);
     loop {
         let join = shard
             .flights
@@ -207,26 +207,39 @@ pub async fn consult(
                     continue;
                 }
                 // The leader is done and nothing here is stored for this request: it stored
-                // another `Accept-Encoding` variant, or it failed. The waiters lead or wait
-                // once more rather than all going to the backend at once: on a flight of
-                // their variant (and the URL is remembered as varying) if the leader stored
-                // another one, else on the same flight key. Each such fetch has a
-                // REQUEST_TIMEOUT of its own, so a healthy backend never times them out. Once
-                // only, so entries that cannot be found (gone at once) never make waiters
-                // queue behind each other.
-                if waited.is_ok() && flight.end() == FlightEnd::Done && !rejoined {
-                    rejoined = true;
+                // another `Accept-Encoding` variant, or it failed. Rather than all going to
+                // the backend at once, the waiters lead or wait once more: on a flight of
+                // their own variant when the URL has variants stored (it is then remembered
+                // as varying), else on the same key. At most once for each reason, so entries
+                // that cannot be found (gone at once) never make waiters queue behind each
+                // other for long. Each such fetch has a REQUEST_TIMEOUT of its own, so a
+                // healthy backend never times them out.
+                if waited.is_ok() && flight.end() == FlightEnd::Done {
                     let now = Instant::now();
                     let varies = shard
                         .cache
                         .borrow()
                         .has_variants(&candidate.host, &candidate.target);
-                    if varies && flight_key != variant_key {
+                    let next = if varies && flight_key != variant_key && !split {
+                        split = true;
                         shard.flights.borrow_mut().remember_varies(&key, now);
-                        flight_key = variant_key.clone();
+                        Some(variant_key.clone())
+                    } else if !retried {
+                        retried = true;
+                        Some(flight_key.clone())
+                    } else {
+                        None
+                    };
+                    if let Some(next) = next {
+                        flight_key = next;
+                        deadline = now + shard.config.request_timeout;
+                        if !may_lead {
+                            // Woken with the plain GETs that waited too: let one of them lead
+                            // the next fetch before this request looks for it.
+                            yield_once().await;
+                        }
+                        continue;
                     }
-                    deadline = now + shard.config.request_timeout;
-                    continue;
                 }
                 shard.metrics.cache_misses.inc();
                 // The backend gave the leader no response head, as far as this waiter's own
@@ -268,6 +281,20 @@ pub async fn consult(
             }
         }
     }
+}
+
+/// Lets every other task that is ready run before this one goes on.
+async fn yield_once() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await;
 }
 
 /// A fresh entry, and the instant it was found fresh at (its `Age` is taken at that instant).

@@ -1493,6 +1493,68 @@ fn waiters_of_a_failed_leader_share_one_retry() {
     assert_eq!(backend.requests(), 3, "one fetch for the second burst");
 }
 
+/// A leader that fails on a URL that varies: its waiters of every variant share one more fetch
+/// each (the URL-wide retry stores one variant, then each other variant one fetch), and its
+/// HEAD waiters, which may not lead, wait for a plain GET's fetch instead of each going to the
+/// backend.
+#[test]
+fn waiters_of_a_failed_leader_on_a_varying_url_share_one_fetch_per_variant() {
+    let first = Arc::new(AtomicBool::new(true));
+    let backend = Backend::start(Arc::new(move |seen: &Seen| {
+        let coding = seen.header("Accept-Encoding").unwrap_or("none").to_owned();
+        let reply = response(
+            "200 OK",
+            &[
+                ("Cache-Control", "max-age=300"),
+                ("Vary", "Accept-Encoding"),
+            ],
+            coding.as_bytes(),
+        );
+        let answer = if first.swap(false, SeqCst) {
+            Reply::Close
+        } else {
+            Reply::Bytes(reply)
+        };
+        Reply::Delay(Duration::from_millis(400), Box::new(answer))
+    }));
+    let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
+    let leader = concurrent_gets(&lb, "/fv.js", 1);
+    eventually("the leader reaches the backend", || backend.requests() >= 1);
+    let heads: Vec<_> = (0..3)
+        .map(|_| {
+            let addr = lb.addr;
+            std::thread::spawn(move || {
+                let mut s = connect(addr);
+                s.write_all(raw_request("HEAD", "/fv.js", &[], true).as_bytes())
+                    .unwrap();
+                read_response(&mut BufReader::new(s), true).expect("a response")
+            })
+        })
+        .collect();
+    let mut gets = Vec::new();
+    for coding in ["gzip", "br"] {
+        gets.push((
+            coding,
+            concurrent_gets_with(&lb, "/fv.js", &[("Accept-Encoding", coding)], 3),
+        ));
+    }
+    gets.push(("none", concurrent_gets(&lb, "/fv.js", 3)));
+    assert_eq!(only(leader).status, 502);
+    for (coding, clients) in gets {
+        for client in clients {
+            assert_eq!(client.join().expect("client").text(), coding);
+        }
+    }
+    for head in heads {
+        assert_eq!(head.join().expect("client").status, 200);
+    }
+    assert!(
+        backend.requests() <= 4,
+        "{} backend requests: the failed one and one per variant",
+        backend.requests()
+    );
+}
+
 #[test]
 fn waiters_are_forwarded_when_the_leader_response_is_not_storable() {
     let gate = Arc::new(Gate::default());
