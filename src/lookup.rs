@@ -204,6 +204,9 @@ pub async fn consult(
                 // backend. That is another fetch, with a REQUEST_TIMEOUT of its own.
                 if waited.is_ok() && flight.end() == FlightEnd::Abandoned {
                     deadline = Instant::now() + shard.config.request_timeout;
+                    if !may_lead {
+                        yield_once().await;
+                    }
                     continue;
                 }
                 // The leader is done and nothing here is stored for this request: it stored
@@ -234,8 +237,6 @@ pub async fn consult(
                         flight_key = next;
                         deadline = now + shard.config.request_timeout;
                         if !may_lead {
-                            // Woken with the plain GETs that waited too: let one of them lead
-                            // the next fetch before this request looks for it.
                             yield_once().await;
                         }
                         continue;
@@ -283,7 +284,9 @@ pub async fn consult(
     }
 }
 
-/// Lets every other task that is ready run before this one goes on.
+/// Lets every other task that is ready run before this one goes on: a waiter that may not
+/// lead (HEAD, conditional, Range), woken with the plain GETs that waited too, lets one of
+/// them lead the next fetch before it looks for one.
 async fn yield_once() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {

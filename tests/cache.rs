@@ -1430,6 +1430,20 @@ fn waiters_elect_a_new_leader_when_the_first_client_leaves() {
     eventually("the first request reaches the backend", || {
         backend.requests() >= 1
     });
+    // HEADs first: they may not lead, and must wait for the GET that does.
+    let heads: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = lb.addr;
+            let handle = std::thread::spawn(move || {
+                let mut s = connect(addr);
+                s.write_all(raw_request("HEAD", "/abandoned.css", &[], true).as_bytes())
+                    .unwrap();
+                read_response(&mut BufReader::new(s), true).expect("a response")
+            });
+            std::thread::sleep(Duration::from_millis(30));
+            handle
+        })
+        .collect();
     let waiters = concurrent_gets(&lb, "/abandoned.css", 6);
     // The first client leaves while the backend still holds its answer; its connection
     // reset, so the answer cannot be delivered.
@@ -1442,6 +1456,10 @@ fn waiters_elect_a_new_leader_when_the_first_client_leaves() {
         let r = waiter.join().expect("client thread");
         assert_eq!(r.status, 200, "waiter {i}");
         assert_eq!(hash(&r.body), hash(&body), "waiter {i}");
+    }
+    for head in heads {
+        let r = head.join().expect("client thread");
+        assert_eq!((r.status, r.body.len()), (200, 0));
     }
     assert!(
         backend.requests() <= 2,
