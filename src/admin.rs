@@ -171,12 +171,7 @@ fn refuse(mut stream: TcpStream) {
         h.len() == KEPT || head_is_in(h)
     });
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    let written = if is_head_request(&head) {
-        write_head(&mut stream, 503, "text/plain", REFUSAL.len())
-    } else {
-        respond(&mut stream, 503, "text/plain", REFUSAL)
-    };
-    if written.is_ok() {
+    if answer(&mut stream, &head, 503, REFUSAL).is_ok() {
         let _ = stream.shutdown(std::net::Shutdown::Write);
         read_until(&mut stream, deadline, &mut head, |_| false);
     }
