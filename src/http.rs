@@ -301,6 +301,11 @@ impl Field {
             .map_or(Field::Other, |&(_, field)| field)
     }
 
+    /// A condition on the validators a cache hit can answer 304 to.
+    fn is_validator_condition(self) -> bool {
+        matches!(self, Field::IfNoneMatch | Field::IfModifiedSince)
+    }
+
     fn is_hop_by_hop(self) -> bool {
         matches!(
             self,
@@ -381,7 +386,7 @@ impl RequestHead {
     pub fn is_conditional(&self) -> bool {
         self.headers
             .iter()
-            .any(|h| matches!(h.field, Field::IfNoneMatch | Field::IfModifiedSince))
+            .any(|h| h.field.is_validator_condition())
     }
 
     /// A GET whose answer is the whole current response, as the cache stores it: no
@@ -390,15 +395,11 @@ impl RequestHead {
     pub fn is_plain_get(&self) -> bool {
         !self.is_head
             && !self.headers.iter().any(|h| {
-                matches!(
-                    h.field,
-                    Field::IfNoneMatch
-                        | Field::IfModifiedSince
-                        | Field::IfMatch
-                        | Field::IfUnmodifiedSince
-                        | Field::IfRange
-                        | Field::Range
-                )
+                h.field.is_validator_condition()
+                    || matches!(
+                        h.field,
+                        Field::IfMatch | Field::IfUnmodifiedSince | Field::IfRange | Field::Range
+                    )
             })
     }
 

@@ -499,17 +499,15 @@ pub fn parse_response(
     request_was_head: bool,
     head: &mut ResponseHead,
 ) -> Result<bool, HttpError> {
-    match parse_response_as_sent(buf, request_was_head, head) {
-        // RFC 9110 §2.5: a later HTTP/1 minor version is read as the highest one known,
-        // 1.1. httparse takes only 1.0 and 1.1, so a copy with the digit replaced is parsed:
-        // same length, so every range found in it indexes `buf` alike. Rare, so the copy is.
-        Err(HttpError::BadResponse("invalid http version")) if later_http1_minor(buf) => {
-            let mut as_11 = buf[..buf.len().min(MAX_HEAD_BYTES + 1)].to_vec();
-            as_11[7] = b'1';
-            parse_response_as_sent(&as_11, request_was_head, head)
-        }
-        other => other,
+    // RFC 9110 §2.5: a later HTTP/1 minor version is read as the highest one known, 1.1.
+    // httparse takes only 1.0 and 1.1, so a copy with the digit replaced is parsed: same
+    // length, so every range found in it indexes `buf` alike. Rare, so the copy is.
+    if later_http1_minor(buf) {
+        let mut as_11 = buf[..buf.len().min(MAX_HEAD_BYTES + 1)].to_vec();
+        as_11[7] = b'1';
+        return parse_response_as_sent(&as_11, request_was_head, head);
     }
+    parse_response_as_sent(buf, request_was_head, head)
 }
 
 /// `HTTP/1.d` with a digit d of 2 or more, then a space or (not arrived yet) nothing: a minor
