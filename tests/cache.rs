@@ -1257,14 +1257,7 @@ fn a_conditional_miss_neither_leads_nor_stops_coalescing() {
         &body,
     );
     let not_modified = b"HTTP/1.1 304 Not Modified\r\nETag: \"v\"\r\n\r\n".to_vec();
-    let backend = Backend::start(Arc::new(move |seen: &Seen| {
-        let reply = if seen.header("If-None-Match").is_some() {
-            not_modified.clone()
-        } else {
-            stored.clone()
-        };
-        Reply::Delay(Duration::from_millis(400), Box::new(Reply::Bytes(reply)))
-    }));
+    let backend = origin_by_header("If-None-Match", not_modified, stored);
     let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
     let revalidate = [("If-None-Match", "\"v\"")];
 
@@ -1309,19 +1302,37 @@ fn assert_all_get(body: &[u8], clients: Vec<std::thread::JoinHandle<Response>>) 
     }
 }
 
-/// A backend answering, after `delay`, a storable body that names the request's
-/// `Accept-Encoding` (or "none"), with `Vary: Accept-Encoding`.
+/// A backend answering, after 400 ms, `with` to requests that carry the `header` field and
+/// `without` to the others.
+fn origin_by_header(header: &'static str, with: Vec<u8>, without: Vec<u8>) -> Backend {
+    Backend::start(Arc::new(move |seen: &Seen| {
+        let reply = if seen.header(header).is_some() {
+            with.clone()
+        } else {
+            without.clone()
+        };
+        Reply::Delay(Duration::from_millis(400), Box::new(Reply::Bytes(reply)))
+    }))
+}
+
+/// A storable response whose body names the request's `Accept-Encoding` (or "none"), with
+/// `Vary: Accept-Encoding`.
+fn varying_reply(seen: &Seen) -> Vec<u8> {
+    let coding = seen.header("Accept-Encoding").unwrap_or("none");
+    response(
+        "200 OK",
+        &[
+            ("Cache-Control", "max-age=300"),
+            ("Vary", "Accept-Encoding"),
+        ],
+        coding.as_bytes(),
+    )
+}
+
+/// A backend answering `varying_reply` after `delay`.
 fn varying_origin(delay: Duration) -> Backend {
     Backend::start(Arc::new(move |seen: &Seen| {
-        let coding = seen.header("Accept-Encoding").unwrap_or("none").to_owned();
-        let reply = response(
-            "200 OK",
-            &[
-                ("Cache-Control", "max-age=300"),
-                ("Vary", "Accept-Encoding"),
-            ],
-            coding.as_bytes(),
-        );
+        let reply = varying_reply(seen);
         Reply::Delay(delay, Box::new(Reply::Bytes(reply)))
     }))
 }
@@ -1384,14 +1395,7 @@ fn a_range_miss_never_leads_the_plain_misses() {
     let body = pattern(5_000, 14);
     let whole = response("200 OK", &[("Cache-Control", "max-age=300")], &body);
     let partial = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-0/5000\r\nContent-Length: 1\r\n\r\nx".to_vec();
-    let backend = Backend::start(Arc::new(move |seen: &Seen| {
-        let reply = if seen.header("Range").is_some() {
-            partial.clone()
-        } else {
-            whole.clone()
-        };
-        Reply::Delay(Duration::from_millis(400), Box::new(Reply::Bytes(reply)))
-    }));
+    let backend = origin_by_header("Range", partial, whole);
     let lb = balancer(&backend, &[("BALANCER_CPUS", "0")]);
     let ranged = concurrent_gets_with(&lb, "/r.css", &[("Range", "bytes=0-0")], 1);
     eventually("the range miss reaches the backend", || {
@@ -1519,15 +1523,7 @@ fn waiters_of_a_failed_leader_share_one_retry() {
 fn waiters_of_a_failed_leader_on_a_varying_url_share_one_fetch_per_variant() {
     let first = Arc::new(AtomicBool::new(true));
     let backend = Backend::start(Arc::new(move |seen: &Seen| {
-        let coding = seen.header("Accept-Encoding").unwrap_or("none").to_owned();
-        let reply = response(
-            "200 OK",
-            &[
-                ("Cache-Control", "max-age=300"),
-                ("Vary", "Accept-Encoding"),
-            ],
-            coding.as_bytes(),
-        );
+        let reply = varying_reply(seen);
         let answer = if first.swap(false, SeqCst) {
             Reply::Close
         } else {
