@@ -611,6 +611,16 @@ fn healthz_answers_200_while_serving() {
 }
 
 /// `GET path` on the admin listener, answered within `limit`: (status line, or the error).
+/// Sends `raw` on a new admin connection and returns all it answers, up to its close.
+fn admin_exchange(admin: SocketAddr, raw: &str) -> String {
+    let mut s = TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut all).unwrap();
+    String::from_utf8_lossy(&all).into_owned()
+}
+
 fn admin_status_within(admin: SocketAddr, path: &str, limit: Duration) -> Result<String, String> {
     let mut s = TcpStream::connect_timeout(&admin, limit).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(limit)).unwrap();
@@ -719,12 +729,7 @@ fn a_bad_admin_head_request_gets_its_error_without_a_body() {
     let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let admin = balancer.admin.expect("admin listener");
     let crowded = format!("HEAD /healthz HTTP/1.1\r\n{}\r\n", "X-A: b\r\n".repeat(70));
-    let mut s = TcpStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(crowded.as_bytes()).unwrap();
-    let mut all = Vec::new();
-    std::io::Read::read_to_end(&mut s, &mut all).unwrap();
-    let text = String::from_utf8_lossy(&all);
+    let text = admin_exchange(admin, &crowded);
     assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
     assert!(
         text.ends_with("\r\n\r\n"),
@@ -738,13 +743,7 @@ fn admin_head_requests_get_the_head_alone() {
     let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let admin = balancer.admin.expect("admin listener");
     for path in ["/healthz", "/metrics", "/servers"] {
-        let mut s = TcpStream::connect(admin).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s.write_all(format!("HEAD {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
-            .unwrap();
-        let mut all = Vec::new();
-        std::io::Read::read_to_end(&mut s, &mut all).unwrap();
-        let text = String::from_utf8_lossy(&all);
+        let text = admin_exchange(admin, &format!("HEAD {path} HTTP/1.1\r\nHost: a\r\n\r\n"));
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{path}: {text}");
         assert!(
             text.ends_with("\r\n\r\n"),
@@ -763,16 +762,10 @@ fn other_methods_get_405_with_the_allowed_ones() {
     let balancer = Balancer::serving(&[(backend.addr, 1.0)]);
     let admin = balancer.admin.expect("admin listener");
     for method in ["POST", "DELETE"] {
-        let mut s = TcpStream::connect(admin).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s.write_all(
-            format!("{method} /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
-                .as_bytes(),
-        )
-        .unwrap();
-        let mut all = Vec::new();
-        std::io::Read::read_to_end(&mut s, &mut all).unwrap();
-        let text = String::from_utf8_lossy(&all);
+        let text = admin_exchange(
+            admin,
+            &format!("{method} /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"),
+        );
         assert!(text.starts_with("HTTP/1.1 405 "), "{method}: {text}");
         // RFC 9110 §15.5.6: a 405 MUST list the supported methods.
         assert!(
